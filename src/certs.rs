@@ -1,0 +1,175 @@
+//! Development certificates: a fleet CA, a core server certificate, an edge client certificate
+//! and a server certificate for RTMPS/HTTPS, all for localhost. `livepop dev-certs DIR`.
+//!
+//! For development and tests only: production fleets use their own PKI (see README).
+//! Also holds the PEM loading and rustls configuration shared by RTMPS and the QUIC relay.
+
+use anyhow::{anyhow, Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Files written by `generate`.
+pub const FILES: [&str; 8] = [
+    "ca.pem",
+    "ca.key",
+    "core.pem",
+    "core.key",
+    "edge.pem",
+    "edge.key",
+    "server.pem",
+    "server.key",
+];
+
+fn leaf(
+    name: &str,
+    usage: ExtendedKeyUsagePurpose,
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<(String, String)> {
+    let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
+    p.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse()?));
+    p.subject_alt_names.push(SanType::IpAddress("::1".parse()?));
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.extended_key_usages = vec![usage];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Writes a new development CA and certificates into `dir`. Existing files are kept unless
+/// `force`: configs that point at them keep working.
+pub fn generate(dir: &Path, force: bool) -> Result<bool> {
+    if !force && FILES.iter().all(|f| dir.join(f).is_file()) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "livepop development fleet CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let ca_pem = ca_cert.pem();
+    let ca_key_pem = ca_key.serialize_pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let (core, core_key) = leaf("livepop core", ExtendedKeyUsagePurpose::ServerAuth, &issuer)?;
+    let (edge, edge_key) = leaf("livepop edge", ExtendedKeyUsagePurpose::ClientAuth, &issuer)?;
+    let (server, server_key) = leaf(
+        "livepop server",
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &issuer,
+    )?;
+    for (name, body) in [
+        ("ca.pem", &ca_pem),
+        ("ca.key", &ca_key_pem),
+        ("core.pem", &core),
+        ("core.key", &core_key),
+        ("edge.pem", &edge),
+        ("edge.key", &edge_key),
+        ("server.pem", &server),
+        ("server.key", &server_key),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(true)
+}
+
+/// Reads every certificate in a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading certificates from {}", path.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing certificates in {}", path.display()))?;
+    if certs.is_empty() {
+        return Err(anyhow!("{}: no PEM certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Reads the private key in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("reading a PEM private key from {}", path.display()))
+}
+
+/// The crypto provider for every TLS stack in the process (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &Path) -> Result<rustls::RootCertStore> {
+    let mut store = rustls::RootCertStore::empty();
+    for c in load_certs(ca)? {
+        store
+            .add(c)
+            .with_context(|| format!("{}: not a usable CA certificate", ca.display()))?;
+    }
+    Ok(store)
+}
+
+/// A TLS server config presenting `cert`/`key` (RTMPS and HTTPS), TLS 1.2 and 1.3.
+pub fn server_config(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<rustls::ServerConfig> {
+    let mut c = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .context("certificate and key do not match")?;
+    c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(c)
+}
+
+/// The core's relay TLS config: TLS 1.3, client certificates required and checked against `ca`.
+pub fn relay_server_config(cert: &Path, key: &Path, ca: &Path) -> Result<rustls::ServerConfig> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca)?),
+        provider(),
+    )
+    .build()
+    .context("building the client certificate verifier")?;
+    let mut c = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .context("relay certificate and key do not match")?;
+    c.alpn_protocols = vec![crate::relay::wire::ALPN.to_vec()];
+    Ok(c)
+}
+
+/// The edge's relay TLS config: TLS 1.3, trusts `ca`, presents `cert`/`key`.
+pub fn relay_client_config(cert: &Path, key: &Path, ca: &Path) -> Result<rustls::ClientConfig> {
+    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .context("relay client certificate and key do not match")?;
+    c.alpn_protocols = vec![crate::relay::wire::ALPN.to_vec()];
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_loadable_chain_and_keeps_existing() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(generate(d.path(), false).unwrap());
+        let before = std::fs::read(d.path().join("ca.pem")).unwrap();
+        assert!(!generate(d.path(), false).unwrap());
+        assert_eq!(before, std::fs::read(d.path().join("ca.pem")).unwrap());
+        let p = d.path();
+        relay_server_config(&p.join("core.pem"), &p.join("core.key"), &p.join("ca.pem")).unwrap();
+        relay_client_config(&p.join("edge.pem"), &p.join("edge.key"), &p.join("ca.pem")).unwrap();
+        server_config(&p.join("server.pem"), &p.join("server.key"), &[]).unwrap();
+        assert!(server_config(&p.join("server.pem"), &p.join("edge.key"), &[]).is_err());
+    }
+}

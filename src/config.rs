@@ -1,0 +1,615 @@
+//! Typed configuration for each role, loaded from TOML (examples in edge-config/).
+//!
+//! Loading is two steps: serde parses the file (unknown keys are errors), then `validate`
+//! checks what types cannot (addresses, files that must exist, limits that must be ordered).
+//! Every error names the file, the key and the fix. Relative paths are resolved against the
+//! directory of the config file, so `edge-config/*.toml` run unchanged from any working directory.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A configuration problem: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    /// The config file.
+    pub file: String,
+    /// The key, dotted (`rtmp.listen`), or `-` when the file as a whole is wrong.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub reason: String,
+}
+
+/// Configuration of an edge process (`livepop edge --config FILE`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Identity of this node in logs and in the relay handshake.
+    #[serde(default = "default_edge_id")]
+    pub node_id: String,
+    /// Admin HTTP server: /metrics, /healthz, /readyz.
+    pub admin: AdminConfig,
+    /// Plain RTMP ingest.
+    pub rtmp: RtmpConfig,
+    /// RTMP over TLS ingest; omit the section to disable it.
+    pub rtmps: Option<RtmpsConfig>,
+    /// Who may publish, and under which stream name.
+    pub auth: AuthConfig,
+    /// The QUIC relay to the cores.
+    pub relay: EdgeRelayConfig,
+}
+
+/// Configuration of a core process (`livepop core --config FILE`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoreConfig {
+    /// Identity of this node in logs.
+    #[serde(default = "default_core_id")]
+    pub node_id: String,
+    /// Admin HTTP server: /metrics, /healthz, /readyz.
+    pub admin: AdminConfig,
+    /// The QUIC relay endpoint that edges connect to.
+    pub relay: CoreRelayConfig,
+    /// Optional recording of every received stream to a file, for debugging.
+    pub record: Option<RecordConfig>,
+}
+
+fn default_edge_id() -> String {
+    "edge-1".into()
+}
+fn default_core_id() -> String {
+    "core-1".into()
+}
+
+/// The admin HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP server, e.g. "127.0.0.1:9090".
+    pub listen: String,
+}
+
+/// What happens when a second publisher claims a stream that is already live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DuplicatePolicy {
+    /// The newcomer is refused; the live publisher keeps the stream.
+    #[default]
+    Reject,
+    /// The newcomer takes over; the previous publisher is disconnected.
+    Replace,
+}
+
+/// Plain RTMP ingest and the limits that apply to every RTMP(S) connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtmpConfig {
+    /// Address to listen on, e.g. "127.0.0.1:1935".
+    pub listen: String,
+    /// The RTMP application name publishers must use (`rtmp://host/APP/KEY`).
+    #[serde(default = "default_app")]
+    pub app: String,
+    /// Maximum concurrent RTMP and RTMPS connections; further connections are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Maximum bytes one connection may hold in partly received messages.
+    #[serde(default = "default_max_buffered")]
+    pub max_buffered_bytes: usize,
+    /// Largest RTMP message accepted (bytes); larger ones end the connection.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Largest chunk size a peer may set with Set Chunk Size.
+    #[serde(default = "default_max_chunk")]
+    pub max_chunk_size: u32,
+    /// A connection that sends nothing for this long is closed (milliseconds).
+    #[serde(default = "default_stall_ms")]
+    pub stall_timeout_ms: u64,
+    /// The RTMP handshake must complete within this time (milliseconds).
+    #[serde(default = "default_handshake_ms")]
+    pub handshake_timeout_ms: u64,
+    /// What to do when a second publisher claims a live stream: "reject" or "replace".
+    #[serde(default)]
+    pub on_duplicate: DuplicatePolicy,
+}
+
+fn default_app() -> String {
+    "live".into()
+}
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_max_buffered() -> usize {
+    16 * 1024 * 1024
+}
+fn default_max_message() -> usize {
+    8 * 1024 * 1024
+}
+fn default_max_chunk() -> u32 {
+    1024 * 1024
+}
+fn default_stall_ms() -> u64 {
+    10_000
+}
+fn default_handshake_ms() -> u64 {
+    5_000
+}
+
+/// RTMP over TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtmpsConfig {
+    /// Address to listen on, e.g. "127.0.0.1:1936".
+    pub listen: String,
+    /// PEM certificate chain presented to publishers.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+}
+
+/// Stream-key authentication: a static table, a webhook, or both (the table is tried first).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Static stream keys.
+    #[serde(default)]
+    pub streams: Vec<StreamKeyConfig>,
+    /// An HTTP endpoint asked about keys the table does not know.
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// One static stream key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamKeyConfig {
+    /// The public stream name (appears in playback URLs, logs and metrics).
+    pub name: String,
+    /// The secret key publishers use (never logged).
+    pub key: String,
+}
+
+/// Webhook authentication: POST {"key": "...", "app": "..."}; 2xx with {"name": "..."} allows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// http:// URL of the hook.
+    pub url: String,
+    /// How long to wait for its answer (milliseconds); no answer means deny.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_webhook_timeout() -> u64 {
+    2000
+}
+
+/// The edge side of the relay.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeRelayConfig {
+    /// PEM client certificate signed by the fleet CA.
+    pub cert: PathBuf,
+    /// PEM private key of the client certificate.
+    pub key: PathBuf,
+    /// PEM CA certificate that core certificates must chain to.
+    pub ca: PathBuf,
+    /// The cores this edge may relay to; one is chosen per stream by rendezvous hashing.
+    pub cores: Vec<CoreEndpoint>,
+    /// QUIC keep-alive interval (milliseconds).
+    #[serde(default = "default_keepalive")]
+    pub keepalive_ms: u64,
+    /// A connection with no traffic for this long is dead (milliseconds).
+    #[serde(default = "default_idle")]
+    pub idle_timeout_ms: u64,
+    /// First reconnect delay (milliseconds); doubles up to `reconnect_max_ms`.
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay (milliseconds).
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_ms: u64,
+    /// Bytes of not-yet-sent media kept per stream; older groups of pictures are skipped.
+    #[serde(default = "default_relay_buffer")]
+    pub max_buffered_bytes: usize,
+}
+
+fn default_keepalive() -> u64 {
+    500
+}
+fn default_idle() -> u64 {
+    2000
+}
+fn default_reconnect_min() -> u64 {
+    100
+}
+fn default_reconnect_max() -> u64 {
+    1000
+}
+fn default_relay_buffer() -> usize {
+    32 * 1024 * 1024
+}
+
+/// One core as seen from an edge.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoreEndpoint {
+    /// Stable identity of the core; the rendezvous hash uses it, so keep it fixed.
+    pub id: String,
+    /// UDP address of the core's relay endpoint.
+    pub addr: String,
+    /// Name the core's certificate must carry.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+/// The core side of the relay.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoreRelayConfig {
+    /// UDP address to listen on, e.g. "127.0.0.1:4433".
+    pub listen: String,
+    /// PEM server certificate.
+    pub cert: PathBuf,
+    /// PEM private key of the server certificate.
+    pub key: PathBuf,
+    /// PEM CA certificate that edge client certificates must chain to (the fleet CA).
+    pub client_ca: PathBuf,
+    /// A connection with no traffic for this long is dead (milliseconds).
+    #[serde(default = "default_idle")]
+    pub idle_timeout_ms: u64,
+    /// How long a stream whose edge vanished is kept for the edge to resume it (milliseconds).
+    #[serde(default = "default_resume_grace")]
+    pub resume_grace_ms: u64,
+}
+
+fn default_resume_grace() -> u64 {
+    10_000
+}
+
+/// Debug recording of received streams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordConfig {
+    /// Directory for the files: NAME-EPOCH.flv, written as `.flv.part` until the stream ends.
+    pub dir: PathBuf,
+}
+
+fn err(file: &Path, key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        file: file.display().to_string(),
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+fn read(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file).map_err(|e| err(file, "-", format!("cannot read the file: {e}")))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        // toml reports the key path in its message; add the line for humans.
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let key = line
+            .map(|l| format!("line {l}"))
+            .unwrap_or_else(|| "-".into());
+        err(file, &key, e.message().trim().to_string())
+    })
+}
+
+fn check_addr(file: &Path, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        err(
+            file,
+            key,
+            format!("`{value}` is not an IP:port socket address (e.g. \"127.0.0.1:1935\")"),
+        )
+    })
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn check_file(file: &Path, key: &str, base: &Path, p: &mut PathBuf) -> Result<(), ConfigError> {
+    *p = resolve(base, p);
+    if !p.is_file() {
+        return Err(err(
+            file,
+            key,
+            format!(
+                "file {} does not exist (for development certificates run `livepop dev-certs {}`)",
+                p.display(),
+                p.parent()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn base_dir(file: &Path) -> PathBuf {
+    file.parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_path_buf()
+            }
+        })
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+impl EdgeConfig {
+    /// Reads, parses and validates an edge config file.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: EdgeConfig = parse(file, &read(file)?)?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text as if it came from `file`.
+    pub fn from_str_at(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut cfg: EdgeConfig = parse(file, text)?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
+        let base = base_dir(file);
+        check_addr(file, "admin.listen", &self.admin.listen)?;
+        check_addr(file, "rtmp.listen", &self.rtmp.listen)?;
+        if self.rtmp.max_connections == 0 {
+            return Err(err(file, "rtmp.max_connections", "must be at least 1"));
+        }
+        if self.rtmp.max_message_bytes > 0xFF_FFFF || self.rtmp.max_message_bytes < 1024 {
+            return Err(err(
+                file,
+                "rtmp.max_message_bytes",
+                "must be between 1024 and 16777215 (the RTMP limit)",
+            ));
+        }
+        if self.rtmp.max_chunk_size < 128 || self.rtmp.max_chunk_size > 0x7FFF_FFFF {
+            return Err(err(
+                file,
+                "rtmp.max_chunk_size",
+                "must be between 128 and 2147483647",
+            ));
+        }
+        if self.rtmp.max_buffered_bytes < self.rtmp.max_message_bytes {
+            return Err(err(
+                file,
+                "rtmp.max_buffered_bytes",
+                "must be at least rtmp.max_message_bytes",
+            ));
+        }
+        if let Some(t) = &mut self.rtmps {
+            check_addr(file, "rtmps.listen", &t.listen)?;
+            check_file(file, "rtmps.cert", &base, &mut t.cert)?;
+            check_file(file, "rtmps.key", &base, &mut t.key)?;
+        }
+        if self.auth.streams.is_empty() && self.auth.webhook.is_none() {
+            return Err(err(
+                file,
+                "auth",
+                "no way to authenticate publishers: add [[auth.streams]] entries or [auth.webhook]",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        for (i, s) in self.auth.streams.iter().enumerate() {
+            if !valid_stream_name(&s.name) {
+                return Err(err(
+                    file,
+                    &format!("auth.streams[{i}].name"),
+                    "stream names use only letters, digits, '-', '_' and '.', 1 to 64 characters",
+                ));
+            }
+            if s.key.len() < 4 {
+                return Err(err(
+                    file,
+                    &format!("auth.streams[{i}].key"),
+                    "keys must be at least 4 characters",
+                ));
+            }
+            if !names.insert(&s.name) {
+                return Err(err(
+                    file,
+                    &format!("auth.streams[{i}].name"),
+                    "duplicate stream name",
+                ));
+            }
+            if !keys.insert(&s.key) {
+                return Err(err(
+                    file,
+                    &format!("auth.streams[{i}].key"),
+                    "two streams share one key",
+                ));
+            }
+        }
+        if let Some(w) = &self.auth.webhook {
+            if !w.url.starts_with("http://") {
+                return Err(err(file, "auth.webhook.url", "must be an http:// URL"));
+            }
+        }
+        let r = &mut self.relay;
+        check_file(file, "relay.cert", &base, &mut r.cert)?;
+        check_file(file, "relay.key", &base, &mut r.key)?;
+        check_file(file, "relay.ca", &base, &mut r.ca)?;
+        if r.cores.is_empty() {
+            return Err(err(
+                file,
+                "relay.cores",
+                "list at least one core ([[relay.cores]] with id and addr)",
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, c) in r.cores.iter().enumerate() {
+            check_addr(file, &format!("relay.cores[{i}].addr"), &c.addr)?;
+            if !ids.insert(&c.id) {
+                return Err(err(
+                    file,
+                    &format!("relay.cores[{i}].id"),
+                    "duplicate core id",
+                ));
+            }
+        }
+        if r.keepalive_ms == 0 || r.keepalive_ms >= r.idle_timeout_ms {
+            return Err(err(
+                file,
+                "relay.keepalive_ms",
+                "must be above 0 and below relay.idle_timeout_ms",
+            ));
+        }
+        if r.reconnect_min_ms == 0 || r.reconnect_min_ms > r.reconnect_max_ms {
+            return Err(err(
+                file,
+                "relay.reconnect_min_ms",
+                "must be above 0 and at most relay.reconnect_max_ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl CoreConfig {
+    /// Reads, parses and validates a core config file.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: CoreConfig = parse(file, &read(file)?)?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates TOML text as if it came from `file`.
+    pub fn from_str_at(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut cfg: CoreConfig = parse(file, text)?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
+        let base = base_dir(file);
+        check_addr(file, "admin.listen", &self.admin.listen)?;
+        check_addr(file, "relay.listen", &self.relay.listen)?;
+        check_file(file, "relay.cert", &base, &mut self.relay.cert)?;
+        check_file(file, "relay.key", &base, &mut self.relay.key)?;
+        check_file(file, "relay.client_ca", &base, &mut self.relay.client_ca)?;
+        if self.relay.idle_timeout_ms < 100 {
+            return Err(err(file, "relay.idle_timeout_ms", "must be at least 100"));
+        }
+        if let Some(r) = &mut self.record {
+            r.dir = resolve(&base, &r.dir);
+        }
+        Ok(())
+    }
+}
+
+/// Which role a config file is for, decided by its keys (for `check-config`).
+#[derive(Debug)]
+pub enum AnyConfig {
+    /// An edge config.
+    Edge(Box<EdgeConfig>),
+    /// A core config.
+    Core(Box<CoreConfig>),
+}
+
+/// Loads a config of either role: a file with an `[rtmp]` table is an edge config.
+pub fn load_any(file: &Path) -> Result<AnyConfig, ConfigError> {
+    let text = read(file)?;
+    let table: toml::Table = parse(file, &text)?;
+    if table.contains_key("rtmp") {
+        Ok(AnyConfig::Edge(Box::new(EdgeConfig::from_str_at(
+            file, &text,
+        )?)))
+    } else if table.contains_key("relay") {
+        Ok(AnyConfig::Core(Box::new(CoreConfig::from_str_at(
+            file, &text,
+        )?)))
+    } else {
+        Err(err(
+            file,
+            "-",
+            "neither an edge config (has [rtmp]) nor a core config (has [relay] without [rtmp])",
+        ))
+    }
+}
+
+/// Stream names go into URLs, file names and metric labels: keep them tame.
+pub fn valid_stream_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let e = CoreConfig::from_str_at(
+            Path::new("x/core.toml"),
+            "[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n",
+        )
+        .unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("x/core.toml: line 3"), "{s}");
+        assert!(s.contains("lisen"), "{s}");
+    }
+
+    #[test]
+    fn bad_address_names_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("core.toml");
+        for n in ["a.pem", "a.key", "ca.pem"] {
+            std::fs::write(dir.path().join(n), "x").unwrap();
+        }
+        let e = CoreConfig::from_str_at(
+            &f,
+            "[admin]\nlisten = \"nope\"\n[relay]\nlisten = \"127.0.0.1:4433\"\ncert = \"a.pem\"\nkey = \"a.key\"\nclient_ca = \"ca.pem\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "admin.listen");
+        assert!(e.reason.contains("nope"));
+        let ok = CoreConfig::from_str_at(
+            &f,
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[relay]\nlisten = \"127.0.0.1:4433\"\ncert = \"a.pem\"\nkey = \"a.key\"\nclient_ca = \"ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.relay.cert, dir.path().join("a.pem"));
+    }
+
+    #[test]
+    fn missing_cert_suggests_dev_certs() {
+        let e = CoreConfig::from_str_at(
+            Path::new("/nonexistent/core.toml"),
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[relay]\nlisten = \"127.0.0.1:4433\"\ncert = \"a.pem\"\nkey = \"a.key\"\nclient_ca = \"ca.pem\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "relay.cert");
+        assert!(e.reason.contains("livepop dev-certs"), "{}", e.reason);
+    }
+
+    #[test]
+    fn stream_names() {
+        assert!(valid_stream_name("demo"));
+        assert!(valid_stream_name("a-b_c.1"));
+        assert!(!valid_stream_name(""));
+        assert!(!valid_stream_name("../x"));
+        assert!(!valid_stream_name("a b"));
+        assert!(!valid_stream_name(".hidden"));
+    }
+}

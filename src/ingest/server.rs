@@ -1,0 +1,366 @@
+//! The socket layer of ingest: accepts RTMP (and RTMPS) connections, runs the handshake and the
+//! session, authenticates publishers and hands their frames to the edge's publications.
+//!
+//! Each connection is its own task with its own span; whatever one peer sends can end only its
+//! own connection. Limits: connection count, handshake time, idle (stall) time, and the chunk
+//! layer's message and buffer sizes.
+
+use super::auth::{AuthError, Authenticator};
+use super::chunk::ChunkLimits;
+use super::session::{IngestSession, SessionError, SessionEvent};
+use crate::config::RtmpConfig;
+use crate::media::TrackKind;
+use crate::relay::publication::{Publication, Publications};
+use crate::shutdown::Shutdown;
+use crate::telemetry::EdgeMetrics;
+use bytes::BytesMut;
+use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{info, warn, Instrument};
+
+/// Shared by every ingest connection of an edge.
+pub struct IngestContext {
+    /// RTMP settings and limits.
+    pub cfg: RtmpConfig,
+    /// Stream-key authentication.
+    pub auth: Authenticator,
+    /// Where publications go.
+    pub pubs: Arc<Publications>,
+    /// Metrics.
+    pub metrics: EdgeMetrics,
+    /// Connection cap shared by RTMP and RTMPS.
+    pub conn_limit: Arc<Semaphore>,
+}
+
+impl IngestContext {
+    /// A context from config.
+    pub fn new(
+        cfg: RtmpConfig,
+        auth: Authenticator,
+        pubs: Arc<Publications>,
+        metrics: EdgeMetrics,
+    ) -> Arc<Self> {
+        let conn_limit = Arc::new(Semaphore::new(cfg.max_connections));
+        Arc::new(IngestContext {
+            cfg,
+            auth,
+            pubs,
+            metrics,
+            conn_limit,
+        })
+    }
+
+    fn limits(&self) -> ChunkLimits {
+        ChunkLimits {
+            max_message_bytes: self.cfg.max_message_bytes,
+            max_chunk_size: self.cfg.max_chunk_size,
+            max_buffered_bytes: self.cfg.max_buffered_bytes,
+        }
+    }
+}
+
+/// How a connection ended, for the log line and the metric.
+#[derive(Debug, thiserror::Error)]
+enum End {
+    #[error("publisher disconnected")]
+    Eof,
+    #[error("no data for {0} ms; closing (stalled publisher)")]
+    Stalled(u64),
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    #[error("handshake not completed within {0} ms")]
+    HandshakeTimeout(u64),
+    #[error("protocol error: {0}")]
+    Session(#[from] SessionError),
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("replaced by a new publisher of the same stream")]
+    Replaced,
+    #[error("publish refused")]
+    Refused,
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+impl End {
+    fn reason(&self) -> Option<&'static str> {
+        match self {
+            End::Eof | End::Replaced | End::Shutdown | End::Refused => None,
+            End::Stalled(_) => Some("stall"),
+            End::Handshake(_) | End::HandshakeTimeout(_) => Some("handshake"),
+            End::Session(SessionError::Chunk(_)) => Some("chunk"),
+            End::Session(SessionError::Rtmp(_)) => Some("rtmp"),
+            End::Session(SessionError::Flv(_)) => Some("media"),
+            End::Io(_) => Some("io"),
+        }
+    }
+}
+
+/// Accepts connections on `listener` until shutdown; `tls` makes it RTMPS.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    ctx: Arc<IngestContext>,
+    mut shutdown: Shutdown,
+) {
+    let scheme = if tls.is_some() { "rtmps" } else { "rtmp" };
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => return,
+        };
+        let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
+            ctx.metrics
+                .ingest_rejected
+                .with_label_values(&["connection_limit"])
+                .inc();
+            warn!(%peer, limit = ctx.cfg.max_connections, "connection refused: connection limit reached");
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        let sd = shutdown.clone();
+        let span = tracing::info_span!("rtmp_conn", %peer, scheme, stream = tracing::field::Empty);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                ctx.metrics.ingest_connections.inc();
+                let result = match tls {
+                    None => handle(sock, &ctx, sd).await,
+                    Some(acceptor) => {
+                        let limit = Duration::from_millis(ctx.cfg.handshake_timeout_ms);
+                        match tokio::time::timeout(limit, acceptor.accept(sock)).await {
+                            Ok(Ok(s)) => handle(s, &ctx, sd).await,
+                            Ok(Err(e)) => Err(End::Handshake(format!("TLS: {e}"))),
+                            Err(_) => Err(End::HandshakeTimeout(ctx.cfg.handshake_timeout_ms)),
+                        }
+                    }
+                };
+                ctx.metrics.ingest_connections.dec();
+                match result {
+                    Ok(()) => info!("connection closed"),
+                    Err(e) => {
+                        if let Some(r) = e.reason() {
+                            ctx.metrics.ingest_errors.with_label_values(&[r]).inc();
+                            warn!("{e}");
+                        } else {
+                            info!("{e}");
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    timeout_ms: u64,
+) -> Result<Vec<u8>, End> {
+    let run = async {
+        let mut hs = Handshake::new(PeerType::Server);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Err(End::Handshake("peer closed during the handshake".into()));
+            }
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                hs.process_bytes(&buf[..n])
+            }))
+            .map_err(|_| End::Handshake("malformed handshake".into()))?
+            .map_err(|e| End::Handshake(e.to_string()))?;
+            match r {
+                HandshakeProcessResult::InProgress { response_bytes } => {
+                    s.write_all(&response_bytes).await?;
+                }
+                HandshakeProcessResult::Completed {
+                    response_bytes,
+                    remaining_bytes,
+                } => {
+                    s.write_all(&response_bytes).await?;
+                    return Ok(remaining_bytes);
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_millis(timeout_ms), run)
+        .await
+        .map_err(|_| End::HandshakeTimeout(timeout_ms))?
+}
+
+/// The publication a connection feeds, released however the connection ends.
+struct Publishing {
+    pubs: Arc<Publications>,
+    p: Arc<Publication>,
+    metrics: EdgeMetrics,
+}
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        self.pubs.release(&self.p);
+        self.metrics.ingest_streams.dec();
+    }
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    ctx: &IngestContext,
+    mut shutdown: Shutdown,
+) -> Result<(), End> {
+    let leftover = handshake(&mut s, ctx.cfg.handshake_timeout_ms).await?;
+    let (mut session, initial) = IngestSession::new(&ctx.cfg.app, ctx.limits())?;
+    for b in initial {
+        s.write_all(&b).await?;
+    }
+    let mut publishing: Option<Publishing> = None;
+    let mut kicked: Option<tokio::sync::watch::Receiver<bool>> = None;
+    let stall = Duration::from_millis(ctx.cfg.stall_timeout_ms);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    buf.extend_from_slice(&leftover);
+    loop {
+        if !buf.is_empty() {
+            ctx.metrics.ingest_bytes.inc_by(buf.len() as u64);
+            let events = session.handle_input(&buf, crate::media::now_unix_us())?;
+            buf.clear();
+            handle_events(
+                &mut s,
+                ctx,
+                &mut session,
+                events,
+                &mut publishing,
+                &mut kicked,
+            )
+            .await?;
+        }
+        let kick = async {
+            match kicked.as_mut() {
+                Some(k) => {
+                    let _ = k.wait_for(|v| *v).await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(stall, s.read_buf(&mut buf)) => match r {
+                Err(_) => return Err(End::Stalled(ctx.cfg.stall_timeout_ms)),
+                Ok(Ok(0)) => return Err(End::Eof),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(End::Io(e)),
+            },
+            _ = kick => return Err(End::Replaced),
+            _ = shutdown.wait() => return Err(End::Shutdown),
+        }
+    }
+}
+
+async fn handle_events<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    ctx: &IngestContext,
+    session: &mut IngestSession,
+    events: Vec<SessionEvent>,
+    publishing: &mut Option<Publishing>,
+    kicked: &mut Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<(), End> {
+    let mut queue: std::collections::VecDeque<SessionEvent> = events.into();
+    while let Some(ev) = queue.pop_front() {
+        match ev {
+            SessionEvent::Send(b) => s.write_all(&b).await?,
+            SessionEvent::PublishRequested { request_id, key } => {
+                let (code, desc, reason) = if publishing.is_some() {
+                    (
+                        "NetStream.Publish.BadName",
+                        "this connection is already publishing".to_string(),
+                        "already_publishing",
+                    )
+                } else {
+                    match ctx.auth.authenticate(&ctx.cfg.app, &key).await {
+                        Ok(name) => match ctx.pubs.claim(&name) {
+                            Ok(p) => {
+                                tracing::Span::current().record("stream", name.as_str());
+                                info!(stream = %name, "publish started");
+                                ctx.metrics.ingest_streams.inc();
+                                *kicked = Some(p.kicked());
+                                *publishing = Some(Publishing {
+                                    pubs: ctx.pubs.clone(),
+                                    p,
+                                    metrics: ctx.metrics.clone(),
+                                });
+                                queue.extend(session.accept_publish(request_id)?);
+                                continue;
+                            }
+                            Err(e) => ("NetStream.Publish.BadName", e.to_string(), "duplicate"),
+                        },
+                        Err(e @ (AuthError::UnknownKey | AuthError::Denied)) => {
+                            ("NetStream.Publish.BadName", e.to_string(), "auth")
+                        }
+                        Err(e @ AuthError::Webhook(_)) => {
+                            ("NetStream.Publish.Failed", e.to_string(), "auth_error")
+                        }
+                    }
+                };
+                ctx.metrics
+                    .ingest_rejected
+                    .with_label_values(&[reason])
+                    .inc();
+                warn!(reason = %desc, "publish refused");
+                for ev in session.reject_publish(request_id, code, &desc)? {
+                    if let SessionEvent::Send(b) = ev {
+                        s.write_all(&b).await?;
+                    }
+                }
+                s.flush().await?;
+                return Err(End::Refused);
+            }
+            SessionEvent::Metadata(m) => {
+                if let Some(p) = publishing {
+                    p.p.set_metadata(m);
+                }
+            }
+            SessionEvent::VideoConfig(c) => {
+                if let Some(p) = publishing {
+                    p.p.set_video_config(c);
+                }
+            }
+            SessionEvent::AudioConfig(c) => {
+                if let Some(p) = publishing {
+                    p.p.set_audio_config(c);
+                }
+            }
+            SessionEvent::Frame(f) => {
+                if let Some(p) = publishing {
+                    let track = f.track;
+                    if p.p.push(f) {
+                        ctx.metrics
+                            .ingest_frames
+                            .with_label_values(&[&p.p.name, track.as_str()])
+                            .inc();
+                    } else if track == TrackKind::Video {
+                        tracing::debug!("video frame before the first keyframe dropped");
+                    }
+                }
+            }
+            SessionEvent::PublishFinished => {
+                if let Some(p) = publishing.take() {
+                    info!(stream = %p.p.name, "publish finished");
+                }
+                *kicked = None;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! One RTMP publishing session, sans-IO: bytes in, events and bytes out.
+//!
+//! Incoming bytes go through our `ChunkReader` (correct, bounded reassembly); each whole message
+//! is re-chunked as a single type 0 chunk for rml_rtmp's `ServerSession`, which runs the
+//! connect/createStream/publish workflow. Media messages are turned into `media` values here.
+//! No sockets, no clocks: the caller passes the arrival time.
+
+use super::chunk::{ChunkError, ChunkLimits, ChunkReader};
+use super::flv::{self, AudioTag, FlvError, VideoTag};
+use crate::media::{AudioConfig, Frame, Metadata, TimestampUnwrapper, TrackKind, VideoConfig};
+use bytes::Bytes;
+use rml_rtmp::chunk_io::ChunkSerializer;
+use rml_rtmp::messages::MessagePayload;
+use rml_rtmp::sessions::{
+    ServerSession, ServerSessionConfig, ServerSessionError, ServerSessionEvent, ServerSessionResult,
+};
+use rml_rtmp::time::RtmpTimestamp;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// What the connection task must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEvent {
+    /// Bytes to send to the peer, in order.
+    Send(Bytes),
+    /// The peer asks to publish with this key; answer with `accept_publish` or `reject_publish`.
+    PublishRequested {
+        /// Pass back to accept/reject.
+        request_id: u32,
+        /// The stream key (secret: never log it).
+        key: String,
+    },
+    /// onMetaData.
+    Metadata(Metadata),
+    /// A video sequence header.
+    VideoConfig(VideoConfig),
+    /// An audio sequence header.
+    AudioConfig(AudioConfig),
+    /// A media frame.
+    Frame(Frame),
+    /// The peer stopped publishing (FCUnpublish/deleteStream).
+    PublishFinished,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Chunk layer.
+    #[error("chunk stream: {0}")]
+    Chunk(#[from] ChunkError),
+    /// RTMP message layer (rml_rtmp).
+    #[error("rtmp: {0}")]
+    Rtmp(String),
+    /// Media payload.
+    #[error("media: {0}")]
+    Flv(#[from] FlvError),
+}
+
+impl From<ServerSessionError> for SessionError {
+    fn from(e: ServerSessionError) -> Self {
+        SessionError::Rtmp(e.to_string())
+    }
+}
+
+/// The RTMP server side of one publishing connection.
+pub struct IngestSession {
+    reader: ChunkReader,
+    rechunk: ChunkSerializer,
+    rml: ServerSession,
+    app: String,
+    video_ts: TimestampUnwrapper,
+    audio_ts: TimestampUnwrapper,
+    mp3_config_sent: bool,
+}
+
+/// The chunk size used between our chunk layer and rml_rtmp: each message is one chunk.
+const RECHUNK_SIZE: u32 = 0xFF_FFFF;
+
+impl IngestSession {
+    /// A session that accepts publishers on application `app`; returns the bytes to send first.
+    pub fn new(app: &str, limits: ChunkLimits) -> Result<(Self, Vec<Bytes>), SessionError> {
+        let mut cfg = ServerSessionConfig::new();
+        cfg.chunk_size = 4096;
+        let (mut rml, initial) = ServerSession::new(cfg)?;
+        let mut rechunk = ChunkSerializer::new();
+        // Tell rml_rtmp's deserializer that every message arrives as one chunk.
+        let packet = rechunk
+            .set_max_chunk_size(RECHUNK_SIZE, RtmpTimestamp::new(0))
+            .map_err(|e| SessionError::Rtmp(e.to_string()))?;
+        let extra = rml.handle_input(&packet.bytes)?;
+        let mut out: Vec<Bytes> = vec![];
+        for r in initial.into_iter().chain(extra) {
+            if let ServerSessionResult::OutboundResponse(p) = r {
+                out.push(Bytes::from(p.bytes));
+            }
+        }
+        Ok((
+            IngestSession {
+                reader: ChunkReader::new(limits),
+                rechunk,
+                rml,
+                app: app.to_string(),
+                video_ts: TimestampUnwrapper::default(),
+                audio_ts: TimestampUnwrapper::default(),
+                mp3_config_sent: false,
+            },
+            out,
+        ))
+    }
+
+    /// Bytes held by the chunk layer.
+    pub fn buffered(&self) -> usize {
+        self.reader.buffered()
+    }
+
+    /// Feeds received bytes; `arrival_us` stamps every frame they complete.
+    pub fn handle_input(
+        &mut self,
+        bytes: &[u8],
+        arrival_us: u64,
+    ) -> Result<Vec<SessionEvent>, SessionError> {
+        self.reader.push(bytes)?;
+        let mut events = vec![];
+        while let Some(msg) = self.reader.next_message()? {
+            let payload = MessagePayload {
+                timestamp: RtmpTimestamp::new(msg.timestamp),
+                type_id: msg.type_id,
+                message_stream_id: msg.stream_id,
+                data: msg.payload,
+            };
+            let packet = self
+                .rechunk
+                .serialize(&payload, true, false)
+                .map_err(|e| SessionError::Rtmp(e.to_string()))?;
+            let results = self.rml_call(|rml| rml.handle_input(&packet.bytes))?;
+            self.process(results, arrival_us, &mut events)?;
+        }
+        Ok(events)
+    }
+
+    /// Accepts a publish request.
+    pub fn accept_publish(&mut self, request_id: u32) -> Result<Vec<SessionEvent>, SessionError> {
+        let results = self.rml_call(|rml| rml.accept_request(request_id))?;
+        let mut events = vec![];
+        self.process(results, 0, &mut events)?;
+        Ok(events)
+    }
+
+    /// Rejects a publish request with an RTMP error status (`code`, `description`).
+    pub fn reject_publish(
+        &mut self,
+        request_id: u32,
+        code: &str,
+        description: &str,
+    ) -> Result<Vec<SessionEvent>, SessionError> {
+        let results = self.rml_call(|rml| rml.reject_request(request_id, code, description))?;
+        let mut events = vec![];
+        self.process(results, 0, &mut events)?;
+        Ok(events)
+    }
+
+    /// rml_rtmp must not take the process down on input we have not anticipated.
+    fn rml_call(
+        &mut self,
+        f: impl FnOnce(&mut ServerSession) -> Result<Vec<ServerSessionResult>, ServerSessionError>,
+    ) -> Result<Vec<ServerSessionResult>, SessionError> {
+        match catch_unwind(AssertUnwindSafe(|| f(&mut self.rml))) {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(SessionError::Rtmp("rml_rtmp panicked on input".into())),
+        }
+    }
+
+    fn process(
+        &mut self,
+        results: Vec<ServerSessionResult>,
+        arrival_us: u64,
+        events: &mut Vec<SessionEvent>,
+    ) -> Result<(), SessionError> {
+        for r in results {
+            match r {
+                ServerSessionResult::OutboundResponse(p) => {
+                    events.push(SessionEvent::Send(Bytes::from(p.bytes)))
+                }
+                ServerSessionResult::RaisedEvent(e) => self.on_event(e, arrival_us, events)?,
+                ServerSessionResult::UnhandleableMessageReceived(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_event(
+        &mut self,
+        e: ServerSessionEvent,
+        arrival_us: u64,
+        events: &mut Vec<SessionEvent>,
+    ) -> Result<(), SessionError> {
+        match e {
+            ServerSessionEvent::ConnectionRequested {
+                request_id,
+                app_name,
+            } => {
+                let results = if app_name.trim_end_matches('/') == self.app {
+                    self.rml_call(|rml| rml.accept_request(request_id))?
+                } else {
+                    let desc = format!("unknown application; publish to /{}/KEY", self.app);
+                    self.rml_call(|rml| {
+                        rml.reject_request(request_id, "NetConnection.Connect.Rejected", &desc)
+                    })?
+                };
+                self.process(results, arrival_us, events)?;
+            }
+            ServerSessionEvent::PublishStreamRequested {
+                request_id,
+                stream_key,
+                ..
+            } => {
+                // Encoders may append query parameters to the key; they are not part of it.
+                let key = stream_key.split('?').next().unwrap_or("").to_string();
+                events.push(SessionEvent::PublishRequested { request_id, key });
+            }
+            ServerSessionEvent::PublishStreamFinished { .. } => {
+                events.push(SessionEvent::PublishFinished)
+            }
+            ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
+                events.push(SessionEvent::Metadata(Metadata {
+                    width: metadata.video_width,
+                    height: metadata.video_height,
+                    frame_rate: metadata.video_frame_rate,
+                    video_kbps: metadata.video_bitrate_kbps,
+                    encoder: metadata.encoder,
+                }))
+            }
+            ServerSessionEvent::VideoDataReceived {
+                data, timestamp, ..
+            } => match flv::parse_video(&data)? {
+                VideoTag::Config(c) => events.push(SessionEvent::VideoConfig(c)),
+                VideoTag::Frame {
+                    keyframe,
+                    cts,
+                    data,
+                } => {
+                    let dts = self.video_ts.unwrap(timestamp.value);
+                    events.push(SessionEvent::Frame(Frame {
+                        track: TrackKind::Video,
+                        dts,
+                        pts: dts + i64::from(cts),
+                        keyframe,
+                        arrival_us,
+                        data,
+                    }));
+                }
+                VideoTag::Nothing => {}
+            },
+            ServerSessionEvent::AudioDataReceived {
+                data, timestamp, ..
+            } => {
+                let tag = flv::parse_audio(&data)?;
+                match tag {
+                    AudioTag::Config(c) => events.push(SessionEvent::AudioConfig(c)),
+                    AudioTag::Nothing => {}
+                    AudioTag::Frame(payload) => {
+                        if data[0] >> 4 == 2 && !self.mp3_config_sent {
+                            self.mp3_config_sent = true;
+                            events.push(SessionEvent::AudioConfig(flv::mp3_config(data[0])));
+                        }
+                        let dts = self.audio_ts.unwrap(timestamp.value);
+                        events.push(SessionEvent::Frame(Frame {
+                            track: TrackKind::Audio,
+                            dts,
+                            pts: dts,
+                            keyframe: true,
+                            arrival_us,
+                            data: payload,
+                        }));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

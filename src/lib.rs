@@ -1,0 +1,16 @@
+//! livepop: a live-streaming edge PoP and regional core in one program.
+//!
+//! The edge ingests RTMP(S) and relays it over QUIC to a core; the core will package LL-HLS and
+//! the edge will cache it for viewers. See docs/architecture.md for the module map.
+
+pub mod admin;
+pub mod certs;
+pub mod config;
+pub mod fleet;
+pub mod ingest;
+pub mod media;
+pub mod record;
+pub mod relay;
+pub mod roles;
+pub mod shutdown;
+pub mod telemetry;

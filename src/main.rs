@@ -1,0 +1,131 @@
+//! The `livepop` command: parses the command line, loads config, wires the role and waits.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use livepop::{certs, config, roles, shutdown};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// livepop: a live-streaming edge PoP (RTMP/RTMPS ingest, QUIC relay) and regional core.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log one JSON object per line instead of human-readable text.
+    #[arg(long, global = true, env = "LIVEPOP_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an edge: accept RTMP/RTMPS publishers and relay their streams to a core over QUIC.
+    Edge {
+        /// Edge config file (see edge-config/edge.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a core: receive streams relayed by edges.
+    Core {
+        /// Core config file (see edge-config/core.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file (edge or core) and exit: 0 if valid, 1 with the problem if not.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Write a development CA and certificates for localhost into DIR (kept if present).
+    DevCerts {
+        /// Target directory (edge-config/dev-certs for the example configs).
+        dir: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    livepop::telemetry::init_logging(cli.log_json);
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("livepop: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::CheckConfig { file } => {
+            match config::load_any(&file)? {
+                config::AnyConfig::Edge(_) => println!("{}: valid edge config", file.display()),
+                config::AnyConfig::Core(_) => println!("{}: valid core config", file.display()),
+            }
+            Ok(())
+        }
+        Command::DevCerts { dir, force } => {
+            if certs::generate(&dir, force)? {
+                println!("wrote development CA and certificates to {}", dir.display());
+            } else {
+                println!(
+                    "{} already holds development certificates (use --force to replace)",
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Edge { config } => {
+            let cfg = config::EdgeConfig::load(&config)?;
+            serve(|sd| roles::start_edge(cfg, sd))
+        }
+        Command::Core { config } => {
+            let cfg = config::CoreConfig::load(&config)?;
+            serve(|sd| roles::start_core(cfg, sd))
+        }
+    }
+}
+
+fn serve<F, Fut>(start: F) -> Result<()>
+where
+    F: FnOnce(shutdown::Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<roles::Running>>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async {
+        let (trigger, sd) = shutdown::channel();
+        let mut running = start(sd).await?;
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        trigger.trigger();
+        let drain = async { while running.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!("tasks did not stop within 5 s; exiting anyway");
+        }
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The shared media model: tracks, codec configuration and frames.
+//!
+//! Plain data and small parsers only; no IO. Timestamps are milliseconds (RTMP's resolution),
+//! unwrapped to i64 so that a 49-day stream does not wrap. Every frame also carries the wall
+//! time at which it reached the edge (`arrival_us`, microseconds since the Unix epoch), which
+//! the core uses for PROGRAM-DATE-TIME and the benchmarks use for latency.
+
+use bytes::Bytes;
+
+/// Which track of a stream a frame belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TrackKind {
+    /// The video track.
+    Video,
+    /// The audio track.
+    Audio,
+}
+
+impl TrackKind {
+    /// Label used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrackKind::Video => "video",
+            TrackKind::Audio => "audio",
+        }
+    }
+}
+
+/// Video codecs livepop carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VideoCodec {
+    /// H.264 / AVC; the config record is an AVCDecoderConfigurationRecord (avcC).
+    H264,
+    /// H.265 / HEVC (enhanced RTMP); the config record is an HEVCDecoderConfigurationRecord.
+    H265,
+}
+
+/// Audio codecs livepop carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AudioCodec {
+    /// AAC; the config is an AudioSpecificConfig.
+    Aac,
+    /// MP3; no config.
+    Mp3,
+}
+
+/// Decoder configuration of a video track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VideoConfig {
+    /// The codec.
+    pub codec: VideoCodec,
+    /// The decoder configuration record exactly as the encoder sent it.
+    pub record: Bytes,
+}
+
+/// Decoder configuration of an audio track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudioConfig {
+    /// The codec.
+    pub codec: AudioCodec,
+    /// AudioSpecificConfig for AAC; empty otherwise.
+    pub config: Bytes,
+    /// Sample rate in Hz.
+    pub sample_rate: u32,
+    /// Channel count.
+    pub channels: u8,
+}
+
+/// What the encoder said about the stream in onMetaData (informational only).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metadata {
+    /// Width in pixels.
+    pub width: Option<u32>,
+    /// Height in pixels.
+    pub height: Option<u32>,
+    /// Frames per second.
+    pub frame_rate: Option<f32>,
+    /// Video bitrate in kbit/s.
+    pub video_kbps: Option<u32>,
+    /// Encoder name.
+    pub encoder: Option<String>,
+}
+
+/// One access unit of one track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// The track.
+    pub track: TrackKind,
+    /// Decode timestamp, milliseconds.
+    pub dts: i64,
+    /// Presentation timestamp, milliseconds (equal to dts for audio).
+    pub pts: i64,
+    /// A random access point (IDR for video; every audio frame).
+    pub keyframe: bool,
+    /// Wall time at which the frame reached the edge, microseconds since the Unix epoch.
+    pub arrival_us: u64,
+    /// The payload: length-prefixed NAL units for video, a raw codec frame for audio.
+    pub data: Bytes,
+}
+
+/// Everything a receiver needs to decode a stream.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamInfo {
+    /// Video configuration, once known.
+    pub video: Option<VideoConfig>,
+    /// Audio configuration, once known.
+    pub audio: Option<AudioConfig>,
+    /// onMetaData values.
+    pub metadata: Metadata,
+}
+
+/// Why a codec configuration could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigParseError {
+    /// Shorter than the format requires.
+    #[error("{what} is truncated ({len} bytes)")]
+    Truncated {
+        /// What was being parsed.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// A field with a value the format forbids.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+/// The useful fields of an AVCDecoderConfigurationRecord.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AvcRecordInfo {
+    /// profile_idc.
+    pub profile: u8,
+    /// profile compatibility flags.
+    pub compatibility: u8,
+    /// level_idc.
+    pub level: u8,
+    /// Bytes in each NAL unit length prefix (1, 2 or 4).
+    pub nal_length_size: u8,
+}
+
+/// Checks an avcC record and returns its profile, level and NAL length size.
+pub fn parse_avc_record(rec: &[u8]) -> Result<AvcRecordInfo, ConfigParseError> {
+    if rec.len() < 7 {
+        return Err(ConfigParseError::Truncated {
+            what: "AVCDecoderConfigurationRecord",
+            len: rec.len(),
+        });
+    }
+    if rec[0] != 1 {
+        return Err(ConfigParseError::Invalid(
+            "AVCDecoderConfigurationRecord version is not 1",
+        ));
+    }
+    let nal_length_size = (rec[4] & 0x03) + 1;
+    if nal_length_size == 3 {
+        return Err(ConfigParseError::Invalid("NAL length size of 3 is invalid"));
+    }
+    Ok(AvcRecordInfo {
+        profile: rec[1],
+        compatibility: rec[2],
+        level: rec[3],
+        nal_length_size,
+    })
+}
+
+/// The useful fields of an AAC AudioSpecificConfig.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AacInfo {
+    /// Audio object type (2 = AAC-LC).
+    pub object_type: u8,
+    /// Sample rate in Hz.
+    pub sample_rate: u32,
+    /// Channel configuration.
+    pub channels: u8,
+}
+
+const AAC_RATES: [u32; 13] = [
+    96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,
+];
+
+/// Parses the first fields of an AudioSpecificConfig (ISO 14496-3 §1.6.2.1).
+pub fn parse_aac_config(asc: &[u8]) -> Result<AacInfo, ConfigParseError> {
+    if asc.len() < 2 {
+        return Err(ConfigParseError::Truncated {
+            what: "AudioSpecificConfig",
+            len: asc.len(),
+        });
+    }
+    let object_type = asc[0] >> 3;
+    let freq_index = ((asc[0] & 0x07) << 1) | (asc[1] >> 7);
+    let (sample_rate, channel_byte, channel_shift) = if freq_index == 15 {
+        if asc.len() < 5 {
+            return Err(ConfigParseError::Truncated {
+                what: "AudioSpecificConfig",
+                len: asc.len(),
+            });
+        }
+        let rate = (u32::from(asc[1] & 0x7f) << 17)
+            | (u32::from(asc[2]) << 9)
+            | (u32::from(asc[3]) << 1)
+            | u32::from(asc[4] >> 7);
+        (rate, asc[4], 3)
+    } else {
+        let rate = *AAC_RATES
+            .get(freq_index as usize)
+            .ok_or(ConfigParseError::Invalid(
+                "reserved AAC sampling frequency index",
+            ))?;
+        (rate, asc[1], 3)
+    };
+    let channels = (channel_byte >> channel_shift) & 0x0f;
+    if object_type == 0 {
+        return Err(ConfigParseError::Invalid("AAC object type 0 is invalid"));
+    }
+    Ok(AacInfo {
+        object_type,
+        sample_rate,
+        channels,
+    })
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Extends 32-bit wrapping millisecond timestamps to i64 (RTMP wraps every 49.7 days).
+#[derive(Debug, Clone, Default)]
+pub struct TimestampUnwrapper {
+    last: Option<(u32, i64)>,
+}
+
+impl TimestampUnwrapper {
+    /// The unwrapped value of `ts`, assuming it is within ±2^31 ms of the previous one.
+    pub fn unwrap(&mut self, ts: u32) -> i64 {
+        let out = match self.last {
+            None => i64::from(ts),
+            Some((prev, prev_ext)) => prev_ext + i64::from(ts.wrapping_sub(prev) as i32),
+        };
+        self.last = Some((ts, out));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aac_lc_44100_stereo() {
+        // 0x12 0x10: object type 2, frequency index 4 (44100), channel configuration 2.
+        let i = parse_aac_config(&[0x12, 0x10]).unwrap();
+        assert_eq!(
+            i,
+            AacInfo {
+                object_type: 2,
+                sample_rate: 44100,
+                channels: 2
+            }
+        );
+        // 0x11 0x90: object type 2, index 3 (48000), mono.
+        let i = parse_aac_config(&[0x11, 0x88]).unwrap();
+        assert_eq!((i.sample_rate, i.channels), (48000, 1));
+        assert!(parse_aac_config(&[0x12]).is_err());
+        assert!(parse_aac_config(&[0x17, 0x80]).is_err()); // index 15 without the explicit rate
+    }
+
+    #[test]
+    fn avc_record() {
+        let r = parse_avc_record(&[1, 0x64, 0, 0x1f, 0xff, 0xe1, 0]).unwrap();
+        assert_eq!((r.profile, r.level, r.nal_length_size), (0x64, 0x1f, 4));
+        assert!(parse_avc_record(&[0, 0x64, 0, 0x1f, 0xff, 0xe1, 0]).is_err());
+        assert!(parse_avc_record(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn unwrap_timestamps_across_wrap() {
+        let mut u = TimestampUnwrapper::default();
+        assert_eq!(u.unwrap(u32::MAX - 10), i64::from(u32::MAX - 10));
+        assert_eq!(u.unwrap(5), i64::from(u32::MAX) + 6);
+        assert_eq!(u.unwrap(3), i64::from(u32::MAX) + 4); // small step back (B-frame dts jitter)
+    }
+}

@@ -1,0 +1,691 @@
+//! The core side of the relay: accepts edges (mutual TLS against the fleet CA), reads their
+//! control and group streams, drops frames already received (an edge resends from the last
+//! keyframe after a reconnect) and publishes each stream's frames to the core's consumers.
+//!
+//! Ordering policy per track: frames are delivered in (group, index) order. Within a group they
+//! must be contiguous; a frame of a group older than the newest one delivered is late and is
+//! dropped (counted), so a stalled old group never holds back a newer one.
+
+use super::order::{TrackOrder, Verdict};
+use super::wire::{self, Control, GroupDecoder, GroupItem};
+use crate::config::CoreRelayConfig;
+use crate::media::{Frame, StreamInfo, TrackKind};
+use crate::shutdown::Shutdown;
+use crate::telemetry::CoreMetrics;
+use anyhow::{anyhow, Context, Result};
+use bytes::BytesMut;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{broadcast, Notify};
+use tracing::{info, warn, Instrument};
+
+/// What consumers of a stream receive.
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    /// Codec configuration (first, and again whenever it changes).
+    Info {
+        /// Version, referenced by frames.
+        version: u64,
+        /// The configuration.
+        info: StreamInfo,
+    },
+    /// A frame, in order per track.
+    Frame(Frame),
+    /// The stream ended (publisher stopped, or its edge did not come back in time).
+    End,
+}
+
+#[derive(Debug, Default)]
+struct LiveState {
+    infos: BTreeMap<u64, StreamInfo>,
+    order: [Option<TrackOrder>; 2],
+    attached: u64,
+    open_groups: usize,
+    ended: bool,
+}
+
+/// One stream being received by this core.
+pub struct LiveStream {
+    /// Public name.
+    pub name: String,
+    /// Publishing session id from the edge.
+    pub epoch: u64,
+    state: Mutex<LiveState>,
+    tx: broadcast::Sender<StreamEvent>,
+    groups_done: Notify,
+}
+
+/// How long frames of a newer group wait for an older group's stream to finish.
+const REORDER_WAIT_US: u64 = 500_000;
+
+fn track_index(t: TrackKind) -> usize {
+    match t {
+        TrackKind::Video => 0,
+        TrackKind::Audio => 1,
+    }
+}
+
+impl LiveStream {
+    fn lock(&self) -> MutexGuard<'_, LiveState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver of this stream's events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<StreamEvent> {
+        self.tx.subscribe()
+    }
+
+    /// The newest stream info.
+    pub fn info(&self) -> Option<StreamInfo> {
+        self.lock().infos.values().next_back().cloned()
+    }
+
+    fn add_info(&self, version: u64, info: StreamInfo) {
+        let mut s = self.lock();
+        if s.infos.contains_key(&version) {
+            return;
+        }
+        s.infos.insert(version, info.clone());
+        // Keep a few versions: groups in flight may still reference an older one.
+        while s.infos.len() > 4 {
+            s.infos.pop_first();
+        }
+        drop(s);
+        let _ = self.tx.send(StreamEvent::Info { version, info });
+    }
+
+    fn send_frames(&self, out: Vec<Frame>) {
+        for f in out {
+            let _ = self.tx.send(StreamEvent::Frame(f));
+        }
+    }
+
+    /// A sender (re)starts at group `start` for this stream.
+    fn restart(&self, start: u64) {
+        let mut s = self.lock();
+        let mut out = vec![];
+        for (i, track) in [TrackKind::Video, TrackKind::Audio].into_iter().enumerate() {
+            match &mut s.order[i] {
+                Some(o) => o.restart(start, &mut out),
+                None => s.order[i] = Some(TrackOrder::new(track, start, REORDER_WAIT_US)),
+            }
+        }
+        drop(s);
+        self.send_frames(out);
+    }
+
+    /// Offers frame number `idx` of group `seq`; returns the verdict and how many frames
+    /// (this one and any it released) were delivered.
+    pub fn offer(&self, seq: u64, idx: u64, frame: Frame, now_us: u64) -> (Verdict, usize) {
+        let mut s = self.lock();
+        if s.ended {
+            return (Verdict::Late, 0);
+        }
+        let t = track_index(frame.track);
+        let track = frame.track;
+        let mut out = vec![];
+        let order = s.order[t].get_or_insert_with(|| TrackOrder::new(track, seq, REORDER_WAIT_US));
+        let v = order.offer(seq, idx, frame, now_us, &mut out);
+        drop(s);
+        let n = out.len();
+        self.send_frames(out);
+        (v, n)
+    }
+
+    /// Group `seq` of `track` will bring no more frames.
+    pub fn finish_group(&self, track: TrackKind, seq: u64) -> usize {
+        let mut s = self.lock();
+        let mut out = vec![];
+        if let Some(o) = &mut s.order[track_index(track)] {
+            o.finish(seq, &mut out);
+        }
+        drop(s);
+        let n = out.len();
+        self.send_frames(out);
+        n
+    }
+}
+
+type NewStreamHook = Arc<dyn Fn(&Arc<LiveStream>, broadcast::Receiver<StreamEvent>) + Send + Sync>;
+
+/// The streams a core is receiving, by name.
+pub struct StreamTable {
+    map: Mutex<HashMap<String, Arc<LiveStream>>>,
+    hooks: Mutex<Vec<NewStreamHook>>,
+    metrics: CoreMetrics,
+}
+
+impl StreamTable {
+    /// An empty table.
+    pub fn new(metrics: CoreMetrics) -> Arc<Self> {
+        Arc::new(StreamTable {
+            map: Mutex::new(HashMap::new()),
+            hooks: Mutex::new(vec![]),
+            metrics,
+        })
+    }
+
+    /// Registers a consumer: called for every new stream with a receiver subscribed before
+    /// the stream's first event, so nothing is missed.
+    pub fn on_new_stream(&self, hook: NewStreamHook) {
+        self.hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+    }
+
+    /// The stream currently received under `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<LiveStream>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Names of the streams being received.
+    pub fn names(&self) -> Vec<String> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn attach(&self, name: &str, epoch: u64, conn: u64) -> Option<Arc<LiveStream>> {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cur) = m.get(name) {
+            if cur.epoch == epoch {
+                cur.lock().attached = conn;
+                return Some(cur.clone());
+            }
+            if cur.epoch > epoch {
+                // A stale edge announcing an older publishing session: refuse.
+                return None;
+            }
+            let old = cur.clone();
+            m.remove(name);
+            drop(m);
+            self.finish(&old);
+            m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        }
+        let (tx, _) = broadcast::channel(8192);
+        let s = Arc::new(LiveStream {
+            name: name.to_string(),
+            epoch,
+            state: Mutex::new(LiveState {
+                attached: conn,
+                ..LiveState::default()
+            }),
+            tx,
+            groups_done: Notify::new(),
+        });
+        m.insert(name.to_string(), s.clone());
+        drop(m);
+        self.metrics.relay_streams.inc();
+        for h in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            h(&s, s.subscribe());
+        }
+        Some(s)
+    }
+
+    /// Ends a stream: consumers get End, the name is free.
+    fn finish(&self, s: &Arc<LiveStream>) {
+        let mut st = s.lock();
+        if st.ended {
+            return;
+        }
+        st.ended = true;
+        drop(st);
+        let _ = s.tx.send(StreamEvent::End);
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&s.name).is_some_and(|c| Arc::ptr_eq(c, s)) {
+            m.remove(&s.name);
+        }
+        self.metrics.relay_streams.dec();
+        info!(stream = %s.name, "stream ended");
+    }
+}
+
+/// Per-connection bookkeeping.
+struct ConnCtx {
+    id: u64,
+    streams: Mutex<HashMap<u64, Arc<LiveStream>>>,
+    announced: Notify,
+    pending_headers: AtomicUsize,
+    header_read: Notify,
+}
+
+/// The core's relay endpoint.
+pub struct CoreRelay {
+    endpoint: quinn::Endpoint,
+    table: Arc<StreamTable>,
+    metrics: CoreMetrics,
+    resume_grace: Duration,
+    next_conn: AtomicU64,
+}
+
+impl CoreRelay {
+    /// Binds the QUIC endpoint (certificates are read here).
+    pub fn bind(
+        cfg: &CoreRelayConfig,
+        table: Arc<StreamTable>,
+        metrics: CoreMetrics,
+    ) -> Result<Self> {
+        let tls = crate::certs::relay_server_config(&cfg.cert, &cfg.key, &cfg.client_ca)?;
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| anyhow!("relay TLS config unusable for QUIC: {e}"))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        server.transport_config(Arc::new(super::sender::transport(
+            None,
+            Duration::from_millis(cfg.idle_timeout_ms),
+        )?));
+        let addr = cfg.listen.parse().context("relay.listen")?;
+        let endpoint = quinn::Endpoint::server(server, addr)
+            .with_context(|| format!("binding the relay endpoint on udp {addr}"))?;
+        Ok(CoreRelay {
+            endpoint,
+            table,
+            metrics,
+            resume_grace: Duration::from_millis(cfg.resume_grace_ms),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Accepts edges until shutdown.
+    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        loop {
+            let incoming = tokio::select! {
+                i = self.endpoint.accept() => match i { Some(i) => i, None => return },
+                _ = shutdown.wait() => {
+                    self.endpoint.close(0u32.into(), b"core shutting down");
+                    return;
+                }
+            };
+            let me = self.clone();
+            let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+            let remote = incoming.remote_address();
+            let span = tracing::info_span!("edge_conn", conn = id, %remote);
+            tokio::spawn(
+                async move {
+                    let conn = match incoming.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // rustls rejects edges whose certificate is not from the fleet CA.
+                            warn!(error = %e, "edge connection refused");
+                            me.metrics
+                                .relay_refused
+                                .with_label_values(&["handshake"])
+                                .inc();
+                            return;
+                        }
+                    };
+                    me.metrics.relay_connections.inc();
+                    if let Err(e) = me.clone().serve(conn, id).await {
+                        info!(error = %format!("{e:#}"), "edge connection ended");
+                    }
+                    me.metrics.relay_connections.dec();
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn serve(self: Arc<Self>, conn: quinn::Connection, id: u64) -> Result<()> {
+        let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await?;
+        let mut buf = BytesMut::new();
+        let hello = read_control(&mut ctl_recv, &mut buf).await?;
+        let edge = match hello {
+            Some(Control::Hello { version, node_id }) if version == wire::VERSION => node_id,
+            other => {
+                conn.close(1u32.into(), b"expected Hello");
+                return Err(anyhow!("bad first control message: {other:?}"));
+            }
+        };
+        info!(%edge, "edge connected");
+        let mut out = BytesMut::new();
+        Control::HelloAck {
+            version: wire::VERSION,
+            node_id: "core".into(),
+        }
+        .encode(&mut out);
+        ctl_send.write_all(&out).await?;
+
+        let ctx = Arc::new(ConnCtx {
+            id,
+            streams: Mutex::new(HashMap::new()),
+            announced: Notify::new(),
+            pending_headers: AtomicUsize::new(0),
+            header_read: Notify::new(),
+        });
+        let result = self
+            .clone()
+            .conn_loop(&conn, &ctx, &mut ctl_recv, &mut buf)
+            .await;
+        // The edge is gone: keep its streams for the resume grace period.
+        let streams: Vec<_> = ctx
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for s in streams {
+            s.lock().attached = 0;
+            let me = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(me.resume_grace).await;
+                if s.lock().attached == 0 {
+                    info!(stream = %s.name, "edge did not resume the stream in time");
+                    me.table.finish(&s);
+                }
+            });
+        }
+        result
+    }
+
+    async fn conn_loop(
+        self: Arc<Self>,
+        conn: &quinn::Connection,
+        ctx: &Arc<ConnCtx>,
+        ctl_recv: &mut quinn::RecvStream,
+        buf: &mut BytesMut,
+    ) -> Result<()> {
+        loop {
+            tokio::select! {
+                // Accept group streams before reading further control messages, so that an End
+                // never overtakes the groups that were sent before it.
+                biased;
+                uni = conn.accept_uni() => {
+                    let recv = uni?;
+                    ctx.pending_headers.fetch_add(1, Ordering::SeqCst);
+                    let me = self.clone();
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = me.read_group(&ctx, recv).await {
+                            tracing::debug!(error = %format!("{e:#}"), "group stream ended early");
+                        }
+                    }.in_current_span());
+                }
+                msg = read_control(ctl_recv, buf) => {
+                    match msg? {
+                        None => return Err(anyhow!("edge closed the control stream")),
+                        Some(m) => self.on_control(ctx, m),
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_control(self: &Arc<Self>, ctx: &Arc<ConnCtx>, m: Control) {
+        match m {
+            Control::Announce(a) => {
+                if !crate::config::valid_stream_name(&a.name) {
+                    warn!(name = %a.name.escape_debug(), "announce with an invalid stream name ignored");
+                    return;
+                }
+                match self.table.attach(&a.name, a.epoch, ctx.id) {
+                    Some(s) => {
+                        s.add_info(a.config_version, a.info);
+                        let fresh = ctx
+                            .streams
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(a.stream_id, s.clone())
+                            .is_none();
+                        if fresh {
+                            info!(stream = %a.name, epoch = a.epoch, start = a.start_seq, "stream announced");
+                            s.restart(a.start_seq);
+                        }
+                        ctx.announced.notify_waiters();
+                    }
+                    None => {
+                        warn!(stream = %a.name, "announce of an older publishing session ignored")
+                    }
+                }
+            }
+            Control::End { stream_id } => {
+                let s = ctx
+                    .streams
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&stream_id);
+                if let Some(s) = s {
+                    let me = self.clone();
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        // Let group streams already accepted deliver their frames first.
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                        loop {
+                            let hr = ctx.header_read.notified();
+                            let gd = s.groups_done.notified();
+                            if ctx.pending_headers.load(Ordering::SeqCst) == 0
+                                && s.lock().open_groups == 0
+                            {
+                                break;
+                            }
+                            tokio::select! {
+                                _ = hr => {}
+                                _ = gd => {}
+                                _ = tokio::time::sleep_until(deadline) => break,
+                            }
+                        }
+                        me.table.finish(&s);
+                    });
+                }
+            }
+            Control::Hello { .. } | Control::HelloAck { .. } => {}
+        }
+    }
+
+    async fn read_group(&self, ctx: &ConnCtx, mut recv: quinn::RecvStream) -> Result<()> {
+        let mut dec = GroupDecoder::new();
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let header = loop {
+            match dec.decode(&mut buf) {
+                Ok(Some(GroupItem::Header(h))) => break Ok(h),
+                Ok(Some(GroupItem::Frame(_))) => break Err(anyhow!("frame before header")),
+                Ok(None) => {}
+                Err(e) => break Err(e.into()),
+            }
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+                Ok(None) => break Err(anyhow!("stream ended before its header")),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        // Resolve the stream before declaring the header read, so End waits for this group.
+        let stream = match &header {
+            Ok(h) => self.lookup(ctx, h.stream_id).await,
+            Err(_) => None,
+        };
+        if let Some(s) = &stream {
+            s.lock().open_groups += 1;
+        }
+        ctx.pending_headers.fetch_sub(1, Ordering::SeqCst);
+        ctx.header_read.notify_waiters();
+        let header = header?;
+        let stream =
+            stream.ok_or_else(|| anyhow!("group for unannounced stream {}", header.stream_id))?;
+        let result = self
+            .read_frames(&stream, header, &mut dec, &mut buf, &mut recv)
+            .await;
+        let released = stream.finish_group(header.track, header.seq);
+        self.count_delivered(&stream, header.track, released);
+        stream.lock().open_groups -= 1;
+        stream.groups_done.notify_waiters();
+        result
+    }
+
+    fn count_delivered(&self, stream: &LiveStream, track: TrackKind, n: usize) {
+        if n > 0 {
+            self.metrics
+                .relay_frames_received
+                .with_label_values(&[&stream.name, track.as_str()])
+                .inc_by(n as u64);
+        }
+    }
+
+    async fn lookup(&self, ctx: &ConnCtx, stream_id: u64) -> Option<Arc<LiveStream>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            // QUIC does not order streams: a group may arrive before its Announce.
+            let wait = ctx.announced.notified();
+            if let Some(s) = ctx
+                .streams
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&stream_id)
+            {
+                return Some(s.clone());
+            }
+            tokio::select! {
+                _ = wait => {}
+                _ = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
+    async fn read_frames(
+        &self,
+        stream: &Arc<LiveStream>,
+        header: wire::GroupHeader,
+        dec: &mut GroupDecoder,
+        buf: &mut BytesMut,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<()> {
+        let track = header.track.as_str();
+        let delay = self.metrics.relay_delay.with_label_values(&[track]);
+        let mut idx = 0u64;
+        loop {
+            while let Some(item) = dec.decode(buf)? {
+                let GroupItem::Frame(frame) = item else {
+                    return Err(anyhow!("second header"));
+                };
+                let now = crate::media::now_unix_us();
+                self.metrics
+                    .relay_bytes_received
+                    .inc_by(frame.data.len() as u64);
+                self.metrics
+                    .relay_frame_bytes
+                    .observe(frame.data.len() as f64);
+                delay.observe(now.saturating_sub(frame.arrival_us) as f64 / 1e6);
+                let (verdict, delivered) = stream.offer(header.seq, idx, frame, monotonic_us());
+                self.count_delivered(stream, header.track, delivered);
+                match verdict {
+                    Verdict::Duplicate => self
+                        .metrics
+                        .relay_duplicate_frames
+                        .with_label_values(&[&stream.name])
+                        .inc(),
+                    Verdict::Late => self
+                        .metrics
+                        .relay_late_frames
+                        .with_label_values(&[&stream.name])
+                        .inc(),
+                    Verdict::Delivered | Verdict::Held => {}
+                }
+                idx += 1;
+            }
+            match recv.read_chunk(256 * 1024, true).await? {
+                Some(c) => buf.extend_from_slice(&c.bytes),
+                None => {
+                    if !buf.is_empty() {
+                        return Err(anyhow!("group stream ended mid-frame"));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Microseconds on a monotonic clock, for reorder timeouts.
+fn monotonic_us() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
+}
+
+async fn read_control(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<Option<Control>> {
+    loop {
+        match Control::decode(buf)? {
+            Some(Some(m)) => return Ok(Some(m)),
+            Some(None) => continue, // unknown message type, skipped
+            None => {}
+        }
+        match recv.read_chunk(64 * 1024, true).await? {
+            Some(c) => buf.extend_from_slice(&c.bytes),
+            None => return Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn frame(track: TrackKind, dts: i64, key: bool) -> Frame {
+        Frame {
+            track,
+            dts,
+            pts: dts,
+            keyframe: key,
+            arrival_us: 0,
+            data: Bytes::from_static(b"x"),
+        }
+    }
+
+    #[test]
+    fn dedup_after_resume_and_held_groups() {
+        let table = StreamTable::new(CoreMetrics::new());
+        let s = table.attach("s", 1, 1).unwrap();
+        let mut rx = s.subscribe();
+        s.restart(0);
+        let v = TrackKind::Video;
+        assert_eq!(s.offer(0, 0, frame(v, 0, true), 0), (Verdict::Delivered, 1));
+        assert_eq!(
+            s.offer(0, 1, frame(v, 33, false), 0),
+            (Verdict::Delivered, 1)
+        );
+        // The edge reconnects and resends group 0 from its keyframe.
+        s.restart(0);
+        assert_eq!(s.offer(0, 0, frame(v, 0, true), 0).0, Verdict::Duplicate);
+        assert_eq!(
+            s.offer(0, 2, frame(v, 66, false), 0),
+            (Verdict::Delivered, 1)
+        );
+        // Group 1 arrives before group 0 finished: held, then released in order.
+        assert_eq!(s.offer(1, 0, frame(v, 2000, true), 0), (Verdict::Held, 0));
+        assert_eq!(s.finish_group(v, 0), 1);
+        let mut dts = vec![];
+        while let Ok(StreamEvent::Frame(f)) = rx.try_recv() {
+            dts.push(f.dts);
+        }
+        assert_eq!(dts, vec![0, 33, 66, 2000]);
+    }
+
+    #[test]
+    fn newer_epoch_replaces_older_is_refused() {
+        let table = StreamTable::new(CoreMetrics::new());
+        let a = table.attach("s", 10, 1).unwrap();
+        let mut rx = a.subscribe();
+        let b = table.attach("s", 11, 2).unwrap();
+        assert!(matches!(rx.try_recv(), Ok(StreamEvent::End)));
+        assert!(table.attach("s", 9, 3).is_none());
+        assert!(Arc::ptr_eq(&table.get("s").unwrap(), &b));
+        let same = table.attach("s", 11, 4).unwrap();
+        assert!(Arc::ptr_eq(&same, &b));
+    }
+}

@@ -1,0 +1,112 @@
+//! Wiring of each role: binds the listeners a config names and starts the tasks.
+//!
+//! Used by `livepop edge`, `livepop core` and (later) `livepop demo`; tests use the binary.
+
+use crate::config::{CoreConfig, EdgeConfig};
+use crate::ingest::auth::Authenticator;
+use crate::ingest::server::{self as ingest, IngestContext};
+use crate::relay::publication::Publications;
+use crate::relay::receiver::{CoreRelay, StreamTable};
+use crate::relay::sender::EdgeRelay;
+use crate::shutdown::Shutdown;
+use crate::telemetry::{CoreMetrics, EdgeMetrics};
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tracing::info;
+
+/// A started role: its bound addresses and its tasks.
+pub struct Running {
+    /// Named addresses ("rtmp", "rtmps", "admin", "relay").
+    pub addrs: Vec<(&'static str, SocketAddr)>,
+    /// The role's tasks; they end after shutdown is triggered.
+    pub tasks: JoinSet<()>,
+}
+
+async fn bind(what: &str, addr: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {what} on {addr}"))
+}
+
+/// Starts an edge: RTMP(S) ingest, the relay to the cores, the admin server.
+pub async fn start_edge(cfg: EdgeConfig, shutdown: Shutdown) -> Result<Running> {
+    let metrics = EdgeMetrics::new();
+    let pubs = Arc::new(Publications::new(
+        cfg.rtmp.on_duplicate,
+        cfg.relay.max_buffered_bytes,
+    ));
+    let relay = EdgeRelay::new(&cfg.node_id, &cfg.relay, pubs.clone(), metrics.clone())?;
+    let ctx = IngestContext::new(
+        cfg.rtmp.clone(),
+        Authenticator::new(&cfg.auth)?,
+        pubs,
+        metrics.clone(),
+    );
+    let mut tasks = JoinSet::new();
+    let mut addrs = vec![];
+
+    let l = bind("rtmp.listen", &cfg.rtmp.listen).await?;
+    addrs.push(("rtmp", l.local_addr()?));
+    tasks.spawn(ingest::serve(l, None, ctx.clone(), shutdown.clone()));
+
+    if let Some(t) = &cfg.rtmps {
+        let tls = crate::certs::server_config(&t.cert, &t.key, &[])
+            .with_context(|| format!("rtmps certificate {}", t.cert.display()))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let l = bind("rtmps.listen", &t.listen).await?;
+        addrs.push(("rtmps", l.local_addr()?));
+        tasks.spawn(ingest::serve(
+            l,
+            Some(acceptor),
+            ctx.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    let admin = bind("admin.listen", &cfg.admin.listen).await?;
+    addrs.push(("admin", admin.local_addr()?));
+    let r2 = relay.clone();
+    tasks.spawn(crate::admin::serve(
+        admin,
+        metrics.registry.clone(),
+        Arc::new(move || r2.any_core_up()),
+        shutdown.clone(),
+    ));
+    tasks.spawn(relay.run(shutdown.clone()));
+    for (n, a) in &addrs {
+        info!(listener = n, addr = %a, "edge listening");
+    }
+    Ok(Running { addrs, tasks })
+}
+
+/// Starts a core: the relay endpoint, optional recording, the admin server.
+pub async fn start_core(cfg: CoreConfig, shutdown: Shutdown) -> Result<Running> {
+    let metrics = CoreMetrics::new();
+    let table = StreamTable::new(metrics.clone());
+    if let Some(rec) = &cfg.record {
+        let dir = rec.dir.clone();
+        let errors = metrics.record_errors.clone();
+        table.on_new_stream(Arc::new(move |s, rx| {
+            crate::record::spawn(dir.clone(), s, rx, errors.clone())
+        }));
+    }
+    let relay = Arc::new(CoreRelay::bind(&cfg.relay, table, metrics.clone())?);
+    let mut tasks = JoinSet::new();
+    let mut addrs = vec![("relay", relay.local_addr()?)];
+    let admin = bind("admin.listen", &cfg.admin.listen).await?;
+    addrs.push(("admin", admin.local_addr()?));
+    tasks.spawn(crate::admin::serve(
+        admin,
+        metrics.registry.clone(),
+        Arc::new(|| true),
+        shutdown.clone(),
+    ));
+    tasks.spawn(relay.run(shutdown.clone()));
+    for (n, a) in &addrs {
+        info!(listener = n, addr = %a, "core listening");
+    }
+    Ok(Running { addrs, tasks })
+}

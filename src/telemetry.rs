@@ -1,0 +1,244 @@
+//! Logging setup and the Prometheus metrics of each role.
+//!
+//! Metric names follow `livepop_<area>_<what>_<unit>`. Labels carry stream names, never keys.
+//! Each role has its own registry so that `livepop demo` can serve both on their own admin ports.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// Installs the tracing subscriber: human-readable, or one JSON object per line.
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let _ = if json {
+        b.json().with_current_span(true).try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+/// Latency buckets from 0.5 ms to 10 s.
+const DELAY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0,
+];
+
+/// Metrics of an edge process.
+#[derive(Clone)]
+pub struct EdgeMetrics {
+    /// The registry served on /metrics.
+    pub registry: Registry,
+    /// Open RTMP(S) connections.
+    pub ingest_connections: IntGauge,
+    /// Connections or publish attempts refused, by reason.
+    pub ingest_rejected: IntCounterVec,
+    /// Connections ended by a protocol or limit error, by reason.
+    pub ingest_errors: IntCounterVec,
+    /// Streams being published.
+    pub ingest_streams: IntGauge,
+    /// Frames received from publishers.
+    pub ingest_frames: IntCounterVec,
+    /// Bytes received from publishers (all RTMP traffic).
+    pub ingest_bytes: IntCounter,
+    /// Frames written to a core.
+    pub relay_frames_sent: IntCounterVec,
+    /// Groups abandoned because the relay fell behind or a core went away.
+    pub relay_groups_skipped: IntCounterVec,
+    /// 1 while the QUIC connection to a core is up.
+    pub relay_core_up: IntGaugeVec,
+    /// Connection attempts to cores that failed.
+    pub relay_connect_failures: IntCounterVec,
+}
+
+impl EdgeMetrics {
+    /// Registers every edge metric in a new registry.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        EdgeMetrics {
+            ingest_connections: gauge(&r, "livepop_ingest_connections", "Open RTMP(S) connections"),
+            ingest_rejected: counter_vec(
+                &r,
+                "livepop_ingest_rejected_total",
+                "Connections or publish attempts refused",
+                &["reason"],
+            ),
+            ingest_errors: counter_vec(
+                &r,
+                "livepop_ingest_errors_total",
+                "Connections ended by a protocol or limit error",
+                &["reason"],
+            ),
+            ingest_streams: gauge(&r, "livepop_ingest_streams", "Streams being published"),
+            ingest_frames: counter_vec(
+                &r,
+                "livepop_ingest_frames_total",
+                "Frames received from publishers",
+                &["stream", "track"],
+            ),
+            ingest_bytes: counter(
+                &r,
+                "livepop_ingest_received_bytes_total",
+                "Bytes received from publishers",
+            ),
+            relay_frames_sent: counter_vec(
+                &r,
+                "livepop_relay_frames_sent_total",
+                "Frames written to a core",
+                &["stream", "track"],
+            ),
+            relay_groups_skipped: counter_vec(
+                &r,
+                "livepop_relay_groups_skipped_total",
+                "Groups of pictures abandoned (relay behind or core lost)",
+                &["stream"],
+            ),
+            relay_core_up: gauge_vec(
+                &r,
+                "livepop_relay_core_up",
+                "1 while the QUIC connection to the core is up",
+                &["core"],
+            ),
+            relay_connect_failures: counter_vec(
+                &r,
+                "livepop_relay_connect_failures_total",
+                "Failed connection attempts to a core",
+                &["core"],
+            ),
+            registry: r,
+        }
+    }
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Metrics of a core process.
+#[derive(Clone)]
+pub struct CoreMetrics {
+    /// The registry served on /metrics.
+    pub registry: Registry,
+    /// Frames received from edges and accepted (duplicates excluded).
+    pub relay_frames_received: IntCounterVec,
+    /// Payload bytes received from edges.
+    pub relay_bytes_received: IntCounter,
+    /// Frames dropped as already received (resends after a reconnect).
+    pub relay_duplicate_frames: IntCounterVec,
+    /// Frames dropped because a newer group had already started.
+    pub relay_late_frames: IntCounterVec,
+    /// Open edge connections.
+    pub relay_connections: IntGauge,
+    /// Edge connections refused (TLS or protocol).
+    pub relay_refused: IntCounterVec,
+    /// Streams being received.
+    pub relay_streams: IntGauge,
+    /// Delay from a frame's arrival at the edge to its arrival at the core.
+    pub relay_delay: HistogramVec,
+    /// Streams whose recording failed.
+    pub record_errors: IntCounter,
+    /// Size of relayed frames.
+    pub relay_frame_bytes: Histogram,
+}
+
+impl CoreMetrics {
+    /// Registers every core metric in a new registry.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let relay_delay = HistogramVec::new(
+            HistogramOpts::new(
+                "livepop_relay_delay_seconds",
+                "Delay from arrival at the edge to arrival at the core",
+            )
+            .buckets(DELAY_BUCKETS.to_vec()),
+            &["track"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(relay_delay.clone()))
+            .expect("unique metric");
+        let relay_frame_bytes = Histogram::with_opts(
+            HistogramOpts::new("livepop_relay_frame_size_bytes", "Size of relayed frames")
+                .buckets(prometheus::exponential_buckets(64.0, 4.0, 10).expect("buckets")),
+        )
+        .expect("valid metric");
+        r.register(Box::new(relay_frame_bytes.clone()))
+            .expect("unique metric");
+        CoreMetrics {
+            relay_frames_received: counter_vec(
+                &r,
+                "livepop_relay_frames_received_total",
+                "Frames received from edges",
+                &["stream", "track"],
+            ),
+            relay_bytes_received: counter(
+                &r,
+                "livepop_relay_received_bytes_total",
+                "Payload bytes received from edges",
+            ),
+            relay_duplicate_frames: counter_vec(
+                &r,
+                "livepop_relay_duplicate_frames_total",
+                "Frames dropped as already received",
+                &["stream"],
+            ),
+            relay_late_frames: counter_vec(
+                &r,
+                "livepop_relay_late_frames_total",
+                "Frames dropped because a newer group had started",
+                &["stream"],
+            ),
+            relay_connections: gauge(&r, "livepop_relay_connections", "Open edge connections"),
+            relay_refused: counter_vec(
+                &r,
+                "livepop_relay_refused_total",
+                "Edge connections refused",
+                &["reason"],
+            ),
+            relay_streams: gauge(&r, "livepop_relay_streams", "Streams being received"),
+            relay_delay,
+            record_errors: counter(&r, "livepop_record_errors_total", "Recordings that failed"),
+            relay_frame_bytes,
+            registry: r,
+        }
+    }
+}
+
+impl Default for CoreMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Renders a registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    use prometheus::Encoder;
+    let mut buf = vec![];
+    let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}

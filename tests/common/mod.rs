@@ -1,0 +1,440 @@
+//! Test harness: real `livepop` processes on port 0, real ffmpeg publishers, log and metric
+//! polling with deadlines (never sleeps as synchronization).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_livepop");
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A test directory with development certificates.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new(BIN)
+            .args(["dev-certs"])
+            .arg(dir.path().join("certs"))
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        Env { dir }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+    /// Writes a file into the test directory.
+    pub fn write(&self, name: &str, body: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+}
+
+/// A running livepop process whose JSON log lines are collected.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: Arc<(Mutex<Vec<serde_json::Value>>, Condvar)>,
+}
+
+impl Proc {
+    pub fn start(name: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("--log-json")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines: Arc<(Mutex<Vec<serde_json::Value>>, Condvar)> = Arc::default();
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            let name = name.to_string();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("[{name}] {line}");
+                    let v = serde_json::from_str(&line)
+                        .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                    lines.0.lock().unwrap().push(v);
+                    lines.1.notify_all();
+                }
+            });
+        }
+        Proc {
+            name: name.to_string(),
+            child,
+            lines,
+        }
+    }
+
+    /// Waits for a log line matching `pred`.
+    pub fn wait_log(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lines.0.lock().unwrap();
+        loop {
+            if let Some(v) = g.iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            let now = Instant::now();
+            if now > deadline {
+                panic!("{}: no matching log line within {timeout:?}", self.name);
+            }
+            g = self.lines.1.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.lines.0.lock().unwrap().clone()
+    }
+
+    /// The messages of all log lines so far, with their fields, as text.
+    pub fn log_text(&self) -> String {
+        self.logs()
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The address a listener bound (from the "... listening" log line).
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        let v = self.wait_log(Duration::from_secs(20), |v| {
+            v["fields"]["listener"] == listener
+        });
+        v["fields"]["addr"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn field<'a>(v: &'a serde_json::Value, k: &str) -> &'a serde_json::Value {
+    &v["fields"][k]
+}
+
+pub fn message_is(v: &serde_json::Value, m: &str) -> bool {
+    v["fields"]["message"]
+        .as_str()
+        .is_some_and(|s| s.contains(m))
+}
+
+/// A plain HTTP/1.0 GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    Some((status, body))
+}
+
+/// The value of one Prometheus sample (`name{labels}` exactly as rendered), 0 if absent.
+pub fn metric(addr: SocketAddr, sample: &str) -> f64 {
+    let Some((200, body)) = http_get(addr, "/metrics") else {
+        return f64::NAN;
+    };
+    body.lines()
+        .find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == sample).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+pub fn frames_metric(stream: &str, track: &str) -> String {
+    format!("livepop_relay_frames_received_total{{stream=\"{stream}\",track=\"{track}\"}}")
+}
+
+/// Writes a core config; returns its path.
+pub fn core_config(env: &Env, name: &str, relay_listen: &str, record: bool) -> PathBuf {
+    let rec = if record {
+        format!("[record]\ndir = \"rec-{name}\"\n")
+    } else {
+        String::new()
+    };
+    env.write(
+        &format!("{name}.toml"),
+        &format!(
+            r#"node_id = "{name}"
+[admin]
+listen = "127.0.0.1:0"
+[relay]
+listen = "{relay_listen}"
+cert = "certs/core.pem"
+key = "certs/core.key"
+client_ca = "certs/ca.pem"
+{rec}"#
+        ),
+    )
+}
+
+pub struct EdgeOpts {
+    pub cores: Vec<(String, SocketAddr)>,
+    pub stall_ms: u64,
+    pub relay_cert: String,
+    pub extra_rtmp: String,
+}
+
+impl EdgeOpts {
+    pub fn new(cores: Vec<(String, SocketAddr)>) -> Self {
+        EdgeOpts {
+            cores,
+            stall_ms: 10_000,
+            relay_cert: "certs/edge".into(),
+            extra_rtmp: String::new(),
+        }
+    }
+}
+
+pub fn edge_config(env: &Env, o: &EdgeOpts) -> PathBuf {
+    let mut cores = String::new();
+    for (id, a) in &o.cores {
+        cores += &format!("[[relay.cores]]\nid = \"{id}\"\naddr = \"{a}\"\n");
+    }
+    env.write(
+        "edge.toml",
+        &format!(
+            r#"node_id = "edge-test"
+[admin]
+listen = "127.0.0.1:0"
+[rtmp]
+listen = "127.0.0.1:0"
+stall_timeout_ms = {stall}
+handshake_timeout_ms = 2000
+{extra}
+[rtmps]
+listen = "127.0.0.1:0"
+cert = "certs/server.pem"
+key = "certs/server.key"
+[[auth.streams]]
+name = "demo"
+key = "demo-key"
+[[auth.streams]]
+name = "other"
+key = "other-key"
+[relay]
+cert = "{rc}.pem"
+key = "{rc}.key"
+ca = "certs/ca.pem"
+{cores}"#,
+            stall = o.stall_ms,
+            extra = o.extra_rtmp,
+            rc = o.relay_cert,
+        ),
+    )
+}
+
+/// Starts a core with recording on; returns it and its relay address.
+pub fn start_core(env: &Env, name: &str, listen: &str) -> Proc {
+    let cfg = core_config(env, name, listen, true);
+    Proc::start(name, &["core", "--config", cfg.to_str().unwrap()])
+}
+
+pub fn start_edge(env: &Env, o: &EdgeOpts) -> Proc {
+    let cfg = edge_config(env, o);
+    let p = Proc::start("edge", &["edge", "--config", cfg.to_str().unwrap()]);
+    // Ready once a core link is up.
+    let admin = p.addr("admin");
+    if !o.cores.is_empty() && o.relay_cert == "certs/edge" {
+        wait_for("edge /readyz", Duration::from_secs(10), || {
+            (http_get(admin, "/readyz")?.0 == 200).then_some(())
+        });
+    }
+    p
+}
+
+/// An ffmpeg publisher of testsrc2 + sine, teeing the exact packets it sends into `copy`.
+pub fn ffmpeg_publish(url: &str, secs: u32, size: &str, copy: Option<&Path>) -> Child {
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            &format!("testsrc2=size={size}:rate=30"),
+        ])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-t", &secs.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-g",
+            "60",
+        ])
+        .args(["-c:a", "aac", "-b:a", "96k", "-map", "0:v", "-map", "1:a"]);
+    match copy {
+        Some(p) => cmd.args([
+            "-f",
+            "tee",
+            &format!("[f=flv:onfail=ignore]{url}|[f=flv]{}", p.display()),
+        ]),
+        None => cmd.args(["-f", "flv", url]),
+    };
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ffmpeg")
+}
+
+/// Waits for a child with a deadline; returns its success.
+pub fn wait_child(c: &mut Child, timeout: Duration) -> bool {
+    let st = wait_for("process exit", timeout, || c.try_wait().ok().flatten());
+    st.success()
+}
+
+/// Packets of a media file: (codec_type, pts in ms, keyframe).
+pub fn packets(file: &Path) -> Vec<(String, i64, bool)> {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "packet=codec_type,pts,flags",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ffprobe failed on {}", file.display());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (
+                f[0].to_string(),
+                f[1].parse().unwrap_or(-1),
+                f[2].contains('K'),
+            )
+        })
+        .collect()
+}
+
+/// Container duration in seconds.
+pub fn duration(file: &Path) -> f64 {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "format=duration",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(file)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The finished recordings (`*.flv`) in a core's record directory.
+pub fn recordings(env: &Env, core: &str) -> Vec<PathBuf> {
+    let dir = env.path().join(format!("rec-{core}"));
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "flv"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Splits packets into per-track lists of (pts, keyframe).
+pub fn by_track(p: &[(String, i64, bool)], kind: &str) -> Vec<(i64, bool)> {
+    p.iter()
+        .filter(|x| x.0 == kind)
+        .map(|x| (x.1, x.2))
+        .collect()
+}
+
+/// Asserts that `got` holds exactly the packets of `sent`, per track, in order.
+pub fn assert_same_frames(sent: &Path, got: &Path) {
+    let a = packets(sent);
+    let b = packets(got);
+    let (av, bv) = (by_track(&a, "video"), by_track(&b, "video"));
+    let (aa, ba) = (by_track(&a, "audio"), by_track(&b, "audio"));
+    assert!(av.len() > 100, "source has only {} video packets", av.len());
+    assert_eq!(av.len(), bv.len(), "video frame count");
+    assert_eq!(aa.len(), ba.len(), "audio frame count");
+    let keys = |v: &[(i64, bool)]| -> Vec<usize> {
+        v.iter()
+            .enumerate()
+            .filter(|x| x.1 .1)
+            .map(|x| x.0)
+            .collect()
+    };
+    assert_eq!(keys(&av), keys(&bv), "keyframe positions");
+    assert_eq!(av, bv, "video timestamps");
+    assert_eq!(aa, ba, "audio timestamps");
+    let (da, db) = (duration(sent), duration(got));
+    assert!(
+        (da - db).abs() <= 1.0 / 30.0 + 1e-6,
+        "durations {da} vs {db}"
+    );
+}

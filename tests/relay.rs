@@ -1,0 +1,269 @@
+//! End to end: ffmpeg publishes RTMP(S) to a real `livepop edge`, which relays over QUIC with
+//! mutual TLS to real `livepop core` processes. Issue 2's acceptance tests.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+fn publish_and_compare(scheme: &str) {
+    let env = Env::new();
+    let core = start_core(&env, "core-1", "127.0.0.1:0");
+    let relay = core.addr("relay");
+    let core_admin = core.addr("admin");
+    let edge = start_edge(&env, &EdgeOpts::new(vec![("core-1".into(), relay)]));
+    let ingest = edge.addr(scheme);
+    let sent = env.path().join("sent.flv");
+    let url = format!("{scheme}://{ingest}/live/demo-key");
+    let mut ff = ffmpeg_publish(&url, 10, "1280x720", Some(&sent));
+    assert!(
+        wait_child(&mut ff, Duration::from_secs(60)),
+        "ffmpeg failed"
+    );
+    let rec = wait_for(
+        "the core's finished recording",
+        Duration::from_secs(20),
+        || recordings(&env, "core-1").into_iter().next(),
+    );
+    assert_same_frames(&sent, &rec);
+    // The metric agrees with the file.
+    let sent_video = by_track(&packets(&sent), "video").len() as f64;
+    let sent_audio = by_track(&packets(&sent), "audio").len() as f64;
+    assert_eq!(
+        metric(core_admin, &frames_metric("demo", "video")),
+        sent_video
+    );
+    assert_eq!(
+        metric(core_admin, &frames_metric("demo", "audio")),
+        sent_audio
+    );
+    // The key is a secret: it appears in no log line of either process.
+    assert!(!edge.log_text().contains("demo-key"));
+    assert!(!core.log_text().contains("demo-key"));
+}
+
+#[test]
+fn rtmp_publish_arrives_frame_for_frame_at_the_core() {
+    publish_and_compare("rtmp");
+}
+
+#[test]
+fn rtmps_publish_arrives_frame_for_frame_at_the_core() {
+    publish_and_compare("rtmps");
+}
+
+#[test]
+fn core_restart_resumes_from_a_keyframe_without_disconnecting_the_publisher() {
+    let env = Env::new();
+    let mut core = start_core(&env, "core-1", "127.0.0.1:0");
+    let relay = core.addr("relay");
+    let admin1 = core.addr("admin");
+    let edge = start_edge(&env, &EdgeOpts::new(vec![("core-1".into(), relay)]));
+    let edge_admin = edge.addr("admin");
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let mut ff = ffmpeg_publish(&url, 16, "640x360", None);
+    wait_for("frames at the first core", Duration::from_secs(15), || {
+        (metric(admin1, &frames_metric("demo", "video")) > 30.0).then_some(())
+    });
+    core.kill();
+    // Same port again: the edge's config names it.
+    let core2 = start_core(&env, "core-1", &relay.to_string());
+    let admin2 = core2.addr("admin");
+    let restarted = Instant::now();
+    wait_for(
+        "frames at the restarted core",
+        Duration::from_secs(3),
+        || (metric(admin2, &frames_metric("demo", "video")) > 0.0).then_some(()),
+    );
+    let took = restarted.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert!(
+        wait_child(&mut ff, Duration::from_secs(40)),
+        "publisher failed"
+    );
+    // The publisher was never disconnected: one publish, ended by the publisher itself.
+    let starts = edge
+        .logs()
+        .iter()
+        .filter(|v| message_is(v, "publish started"))
+        .count();
+    assert_eq!(starts, 1);
+    assert_eq!(
+        metric(edge_admin, "livepop_ingest_errors_total{reason=\"io\"}"),
+        0.0
+    );
+    // The restarted core's recording starts at a keyframe and nothing arrived out of order.
+    let rec = wait_for(
+        "recording of the restarted core",
+        Duration::from_secs(20),
+        || {
+            // The killed core's file stays `.flv.part`; only the restarted core's is finished.
+            recordings(&env, "core-1").into_iter().next()
+        },
+    );
+    let video = by_track(&packets(&rec), "video");
+    assert!(
+        video[0].1,
+        "first video frame after restart is not a keyframe"
+    );
+    assert_eq!(
+        metric(admin2, "livepop_relay_late_frames_total{stream=\"demo\"}"),
+        0.0
+    );
+    eprintln!("resumed {took:?} after the core restarted");
+}
+
+#[test]
+fn stream_fails_over_to_the_other_core() {
+    let env = Env::new();
+    let mut a = start_core(&env, "core-a", "127.0.0.1:0");
+    let mut b = start_core(&env, "core-b", "127.0.0.1:0");
+    let (ra, rb) = (a.addr("relay"), b.addr("relay"));
+    let (aa, ab) = (a.addr("admin"), b.addr("admin"));
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-a".into(), ra), ("core-b".into(), rb)]),
+    );
+    let edge_admin = edge.addr("admin");
+    wait_for("both cores connected", Duration::from_secs(10), || {
+        (metric(edge_admin, "livepop_relay_core_up{core=\"core-a\"}") == 1.0
+            && metric(edge_admin, "livepop_relay_core_up{core=\"core-b\"}") == 1.0)
+            .then_some(())
+    });
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let mut ff = ffmpeg_publish(&url, 14, "640x360", None);
+    // Rendezvous hashing picks one core; find which.
+    let first_is_a = wait_for("frames at one core", Duration::from_secs(15), || {
+        let fa = metric(aa, &frames_metric("demo", "video"));
+        let fb = metric(ab, &frames_metric("demo", "video"));
+        if fa > 30.0 {
+            Some(true)
+        } else if fb > 30.0 {
+            Some(false)
+        } else {
+            None
+        }
+    });
+    let (dead, survivor) = if first_is_a {
+        (&mut a, ab)
+    } else {
+        (&mut b, aa)
+    };
+    assert_eq!(metric(survivor, &frames_metric("demo", "video")), 0.0);
+    dead.kill();
+    let killed = Instant::now();
+    wait_for(
+        "frames at the surviving core",
+        Duration::from_secs(3),
+        || (metric(survivor, &frames_metric("demo", "video")) > 0.0).then_some(()),
+    );
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(3), "failover took {took:?}");
+    eprintln!("failed over {took:?} after the core was killed");
+    assert!(
+        wait_child(&mut ff, Duration::from_secs(40)),
+        "publisher failed"
+    );
+}
+
+#[test]
+fn edge_without_a_fleet_certificate_is_refused() {
+    let env = Env::new();
+    // A second, unrelated CA issues the edge's client certificate.
+    let rogue = env.path().join("rogue");
+    assert!(std::process::Command::new(BIN)
+        .arg("dev-certs")
+        .arg(&rogue)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success());
+    let core = start_core(&env, "core-1", "127.0.0.1:0");
+    let core_admin = core.addr("admin");
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.relay_cert = "rogue/edge".into();
+    let edge = start_edge(&env, &opts);
+    let edge_admin = edge.addr("admin");
+    wait_for("refusals at the core", Duration::from_secs(10), || {
+        (metric(
+            core_admin,
+            "livepop_relay_refused_total{reason=\"handshake\"}",
+        ) >= 2.0)
+            .then_some(())
+    });
+    assert_eq!(metric(core_admin, "livepop_relay_connections"), 0.0);
+    assert!(
+        metric(
+            edge_admin,
+            "livepop_relay_connect_failures_total{core=\"core-1\"}"
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(edge_admin, "livepop_relay_core_up{core=\"core-1\"}"),
+        0.0
+    );
+    assert_eq!(http_get(edge_admin, "/readyz").unwrap().0, 503);
+    // And the right certificate is accepted by the same core.
+    let ok = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    drop(ok);
+}
+
+#[test]
+fn unknown_key_is_rejected_without_logging_it() {
+    let env = Env::new();
+    let core = start_core(&env, "core-1", "127.0.0.1:0");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let url = format!("rtmp://{}/live/secret-wrong-key", edge.addr("rtmp"));
+    let mut ff = ffmpeg_publish(&url, 5, "320x240", None);
+    assert!(
+        !wait_child(&mut ff, Duration::from_secs(20)),
+        "ffmpeg should fail"
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(ff.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("unknown stream key"), "ffmpeg said: {err}");
+    edge.wait_log(Duration::from_secs(5), |v| message_is(v, "publish refused"));
+    assert!(!edge.log_text().contains("secret-wrong-key"));
+    assert_eq!(
+        metric(
+            edge.addr("admin"),
+            "livepop_ingest_rejected_total{reason=\"auth\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn second_publisher_is_rejected_while_the_first_continues() {
+    let env = Env::new();
+    let core = start_core(&env, "core-1", "127.0.0.1:0");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let sent = env.path().join("sent.flv");
+    let mut first = ffmpeg_publish(&url, 8, "320x240", Some(&sent));
+    edge.wait_log(Duration::from_secs(10), |v| {
+        message_is(v, "publish started")
+    });
+    let mut second = ffmpeg_publish(&url, 3, "320x240", None);
+    assert!(!wait_child(&mut second, Duration::from_secs(20)));
+    assert!(wait_child(&mut first, Duration::from_secs(30)));
+    let rec = wait_for("recording", Duration::from_secs(20), || {
+        recordings(&env, "core-1").into_iter().next()
+    });
+    assert_same_frames(&sent, &rec);
+    assert_eq!(
+        metric(
+            edge.addr("admin"),
+            "livepop_ingest_rejected_total{reason=\"duplicate\"}"
+        ),
+        1.0
+    );
+}
