@@ -438,3 +438,169 @@ pub fn assert_same_frames(sent: &Path, got: &Path) {
         "durations {da} vs {db}"
     );
 }
+
+// ---- a raw RTMP publisher, for inputs ffmpeg would never send ----------------------------
+
+use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+use rml_rtmp::sessions::{
+    ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult, PublishRequestType,
+};
+
+/// Chunk size our raw publisher announces (rml_rtmp's client default).
+pub const RAW_CHUNK: usize = 4096;
+
+pub struct RawPublisher {
+    pub s: TcpStream,
+    session: ClientSession,
+}
+
+fn send_results(s: &mut TcpStream, results: Vec<ClientSessionResult>) -> Vec<ClientSessionEvent> {
+    let mut events = vec![];
+    for r in results {
+        match r {
+            ClientSessionResult::OutboundResponse(p) => s.write_all(&p.bytes).unwrap(),
+            ClientSessionResult::RaisedEvent(e) => events.push(e),
+            _ => {}
+        }
+    }
+    events
+}
+
+/// Connects and completes the RTMP handshake; returns the socket and bytes read past it.
+pub fn rtmp_handshake(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hs = Handshake::new(PeerType::Client);
+    s.write_all(&hs.generate_outbound_p0_and_p1().unwrap())
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "server closed during handshake");
+        match hs.process_bytes(&buf[..n]).unwrap() {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                s.write_all(&response_bytes).unwrap()
+            }
+            HandshakeProcessResult::Completed {
+                response_bytes,
+                remaining_bytes,
+            } => {
+                s.write_all(&response_bytes).unwrap();
+                return (s, remaining_bytes);
+            }
+        }
+    }
+}
+
+impl RawPublisher {
+    /// Connects to app `live` and publishes with `key`; panics unless accepted.
+    pub fn publish(addr: SocketAddr, key: &str) -> Self {
+        let (mut s, leftover) = rtmp_handshake(addr);
+        let (mut session, initial) = ClientSession::new(ClientSessionConfig::new()).unwrap();
+        send_results(&mut s, initial);
+        let r = session.request_connection("live".into()).unwrap();
+        send_results(&mut s, vec![r]);
+        let mut pending = leftover;
+        let mut connected = false;
+        let mut buf = [0u8; 8192];
+        loop {
+            let results = session.handle_input(&pending).unwrap();
+            pending.clear();
+            for e in send_results(&mut s, results) {
+                match e {
+                    ClientSessionEvent::ConnectionRequestAccepted if !connected => {
+                        connected = true;
+                        let r = session
+                            .request_publishing(key.into(), PublishRequestType::Live)
+                            .unwrap();
+                        send_results(&mut s, vec![r]);
+                    }
+                    ClientSessionEvent::PublishRequestAccepted => {
+                        return RawPublisher { s, session };
+                    }
+                    ClientSessionEvent::ConnectionRequestRejected { description } => {
+                        panic!("connect rejected: {description}")
+                    }
+                    _ => {}
+                }
+            }
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "server closed before accepting the publish");
+            pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Writes raw bytes; false once the server has closed the connection.
+    pub fn send(&mut self, bytes: &[u8]) -> bool {
+        self.s.write_all(bytes).is_ok() && self.s.flush().is_ok()
+    }
+
+    /// Sends metadata through the session (normal chunking).
+    pub fn session_video(&mut self, data: Vec<u8>, ts: u32) {
+        let r = self
+            .session
+            .publish_video_data(data.into(), rml_rtmp::time::RtmpTimestamp::new(ts), false)
+            .unwrap();
+        send_results(&mut self.s, vec![r]);
+    }
+}
+
+/// True once the peer closed `s` (EOF or reset) within `timeout`.
+pub fn closed_by_peer(s: &mut TcpStream, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 65536];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Tags of an FLV file: (type, timestamp, body).
+pub fn flv_tags(file: &Path) -> Vec<(u8, u32, Vec<u8>)> {
+    let b = std::fs::read(file).unwrap();
+    assert_eq!(&b[..3], b"FLV");
+    let mut pos = u32::from_be_bytes([b[5], b[6], b[7], b[8]]) as usize + 4;
+    let mut out = vec![];
+    while pos + 11 <= b.len() {
+        let kind = b[pos];
+        let size = u32::from_be_bytes([0, b[pos + 1], b[pos + 2], b[pos + 3]]) as usize;
+        let ts = u32::from_be_bytes([b[pos + 7], b[pos + 4], b[pos + 5], b[pos + 6]]);
+        let body = b[pos + 11..pos + 11 + size].to_vec();
+        out.push((kind, ts, body));
+        pos += 11 + size + 4;
+    }
+    out
+}
+
+/// Encodes a small real H.264/AAC FLV file with ffmpeg (no network).
+pub fn encode_flv(out: &Path, secs: u32) {
+    let ok = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-t", &secs.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "30",
+            "-bf",
+            "0",
+        ])
+        .args(["-c:a", "aac", "-map", "0:v", "-map", "1:a", "-f", "flv"])
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
