@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod certs;
+pub mod cmaf;
 pub mod config;
 pub mod fleet;
 pub mod ingest;

@@ -219,6 +219,147 @@ pub fn parse_aac_config(asc: &[u8]) -> Result<AacInfo, ConfigParseError> {
     })
 }
 
+/// Reads bits MSB first from an RBSP (emulation prevention bytes already removed).
+struct Bits<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl Bits<'_> {
+    fn bit(&mut self) -> Option<u32> {
+        let byte = *self.b.get(self.pos / 8)?;
+        let v = (byte >> (7 - self.pos % 8)) & 1;
+        self.pos += 1;
+        Some(u32::from(v))
+    }
+    fn bits(&mut self, n: u32) -> Option<u32> {
+        let mut v = 0;
+        for _ in 0..n {
+            v = (v << 1) | self.bit()?;
+        }
+        Some(v)
+    }
+    fn ue(&mut self) -> Option<u32> {
+        let mut zeros = 0;
+        while self.bit()? == 0 {
+            zeros += 1;
+            if zeros > 31 {
+                return None;
+            }
+        }
+        Some(((1u64 << zeros) - 1 + u64::from(self.bits(zeros)?)) as u32)
+    }
+    fn se(&mut self) -> Option<i32> {
+        let v = self.ue()?;
+        Some(if v % 2 == 1 {
+            v.div_ceil(2) as i32
+        } else {
+            -((v / 2) as i32)
+        })
+    }
+}
+
+fn unescape(nal: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(nal.len());
+    let mut zeros = 0;
+    for &b in nal {
+        if zeros >= 2 && b == 3 {
+            zeros = 0;
+            continue;
+        }
+        zeros = if b == 0 { zeros + 1 } else { 0 };
+        out.push(b);
+    }
+    out
+}
+
+/// Picture size (after cropping) from the first SPS of an avcC record.
+pub fn avc_dimensions(rec: &[u8]) -> Option<(u32, u32)> {
+    if rec.len() < 8 || rec[5] & 0x1f == 0 {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([rec[6], rec[7]]));
+    let sps = rec.get(8..8 + len)?;
+    h264_sps_dimensions(sps)
+}
+
+/// Picture size (after cropping) from an H.264 SPS NAL unit (ITU-T H.264 §7.3.2.1.1).
+pub fn h264_sps_dimensions(nal: &[u8]) -> Option<(u32, u32)> {
+    let rbsp = unescape(nal.get(1..)?);
+    let mut r = Bits { b: &rbsp, pos: 0 };
+    let profile = r.bits(8)?;
+    r.bits(16)?; // constraint flags, level
+    r.ue()?; // seq_parameter_set_id
+    let mut chroma = 1;
+    if [100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135].contains(&profile) {
+        chroma = r.ue()?;
+        if chroma == 3 {
+            r.bit()?;
+        }
+        r.ue()?;
+        r.ue()?;
+        r.bit()?;
+        if r.bit()? == 1 {
+            for i in 0..if chroma == 3 { 12 } else { 8 } {
+                if r.bit()? == 1 {
+                    let size = if i < 6 { 16 } else { 64 };
+                    let (mut last, mut next) = (8i32, 8i32);
+                    for _ in 0..size {
+                        if next != 0 {
+                            next = (last + r.se()? + 256) % 256;
+                        }
+                        if next != 0 {
+                            last = next;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    r.ue()?; // log2_max_frame_num_minus4
+    match r.ue()? {
+        0 => {
+            r.ue()?;
+        }
+        1 => {
+            r.bit()?;
+            r.se()?;
+            r.se()?;
+            for _ in 0..r.ue()?.min(255) {
+                r.se()?;
+            }
+        }
+        _ => {}
+    }
+    r.ue()?; // max_num_ref_frames
+    r.bit()?;
+    let w_mbs = r.ue()? + 1;
+    let h_units = r.ue()? + 1;
+    let frame_mbs_only = r.bit()?;
+    if frame_mbs_only == 0 {
+        r.bit()?;
+    }
+    r.bit()?; // direct_8x8_inference
+    let (mut cl, mut cr, mut ct, mut cb) = (0, 0, 0, 0);
+    if r.bit()? == 1 {
+        cl = r.ue()?;
+        cr = r.ue()?;
+        ct = r.ue()?;
+        cb = r.ue()?;
+    }
+    let (sub_w, sub_h) = match chroma {
+        0 => (1, 1),
+        1 => (2, 2),
+        2 => (2, 1),
+        _ => (1, 1),
+    };
+    let crop_x = if chroma == 0 { 1 } else { sub_w };
+    let crop_y = (if chroma == 0 { 1 } else { sub_h }) * (2 - frame_mbs_only);
+    let w = (w_mbs * 16).checked_sub(crop_x * (cl + cr))?;
+    let h = ((2 - frame_mbs_only) * h_units * 16).checked_sub(crop_y * (ct + cb))?;
+    Some((w, h))
+}
+
 /// Microseconds since the Unix epoch, now.
 pub fn now_unix_us() -> u64 {
     std::time::SystemTime::now()
@@ -274,6 +415,29 @@ mod tests {
         assert_eq!((r.profile, r.level, r.nal_length_size), (0x64, 0x1f, 4));
         assert!(parse_avc_record(&[0, 0x64, 0, 0x1f, 0xff, 0xe1, 0]).is_err());
         assert!(parse_avc_record(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn sps_dimensions() {
+        // SPS written by x264 (ffmpeg testsrc2): 1280x720 High, 1920x1080 High (cropped from
+        // 1088 lines), 640x360 Constrained Baseline.
+        let sps_720 = [
+            0x67, 0x64, 0x00, 0x1f, 0xac, 0xd9, 0x40, 0x50, 0x05, 0xbb, 0x01, 0x10, 0x00, 0x00,
+            0x03, 0x00, 0x10, 0x00, 0x00, 0x03, 0x03, 0xc0, 0xf1, 0x83, 0x19, 0x60,
+        ];
+        assert_eq!(h264_sps_dimensions(&sps_720), Some((1280, 720)));
+        let sps_1080 = [
+            0x67, 0x64, 0x00, 0x28, 0xac, 0xd9, 0x40, 0x78, 0x02, 0x27, 0xe5, 0xc0, 0x44, 0x00,
+            0x00, 0x03, 0x00, 0x04, 0x00, 0x00, 0x03, 0x00, 0xf0, 0x3c, 0x60, 0xc6, 0x58,
+        ];
+        assert_eq!(h264_sps_dimensions(&sps_1080), Some((1920, 1080)));
+        let sps_360 = [
+            0x67, 0x42, 0xc0, 0x1e, 0xda, 0x02, 0x80, 0xbf, 0xe5, 0xc0, 0x44, 0x00, 0x00, 0x03,
+            0x00, 0x04, 0x00, 0x00, 0x03, 0x00, 0xf0, 0x3c, 0x58, 0xba, 0x80,
+        ];
+        assert_eq!(h264_sps_dimensions(&sps_360), Some((640, 360)));
+        assert_eq!(h264_sps_dimensions(&[0x67, 0x64]), None);
+        assert_eq!(h264_sps_dimensions(&[]), None);
     }
 
     #[test]

@@ -43,9 +43,10 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     g
 }
 
-/// Latency buckets from 0.5 ms to 10 s.
-const DELAY_BUCKETS: [f64; 16] = [
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0,
+/// Latency buckets from 0.1 ms to 10 s, fine enough for percentile estimates in benchmarks.
+const DELAY_BUCKETS: [f64; 28] = [
+    0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
+    0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 3.0, 5.0, 10.0,
 ];
 
 /// Metrics of an edge process.

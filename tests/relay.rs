@@ -267,3 +267,111 @@ fn second_publisher_is_rejected_while_the_first_continues() {
         1.0
     );
 }
+
+/// A real HTTP server on port 0 answering the auth webhook: "good-key" → stream "hooked".
+fn webhook_server() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c2 = calls.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let resp = if req["key"] == "good-key" && req["app"] == "live" {
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 17\r\nconnection: close\r\n\r\n{\"name\":\"hooked\"}"
+                    .to_string()
+            } else {
+                "HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    .to_string()
+            };
+            let _ = s.write_all(resp.as_bytes());
+        }
+    });
+    (addr, calls)
+}
+
+#[test]
+fn webhook_allows_with_a_name_and_denies() {
+    let env = Env::new();
+    let (hook, calls) = webhook_server();
+    let core = start_core(&env, "core-1", "127.0.0.1:0");
+    let core_admin = core.addr("admin");
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.extra_auth = format!("[auth.webhook]\nurl = \"http://{hook}/auth\"\ntimeout_ms = 2000\n");
+    let edge = start_edge(&env, &opts);
+    let rtmp = edge.addr("rtmp");
+    let mut ok = ffmpeg_publish(&format!("rtmp://{rtmp}/live/good-key"), 3, "320x240", None);
+    assert!(wait_child(&mut ok, Duration::from_secs(30)));
+    wait_for(
+        "frames of the hooked stream",
+        Duration::from_secs(10),
+        || (metric(core_admin, &frames_metric("hooked", "video")) > 30.0).then_some(()),
+    );
+    let mut bad = ffmpeg_publish(&format!("rtmp://{rtmp}/live/bad-key"), 3, "320x240", None);
+    assert!(!wait_child(&mut bad, Duration::from_secs(30)));
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(
+        metric(
+            edge.addr("admin"),
+            "livepop_ingest_rejected_total{reason=\"auth\"}"
+        ),
+        1.0
+    );
+    // The static table still answers without asking the hook.
+    let mut table = ffmpeg_publish(&format!("rtmp://{rtmp}/live/demo-key"), 2, "320x240", None);
+    assert!(wait_child(&mut table, Duration::from_secs(30)));
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(!edge.log_text().contains("good-key") && !edge.log_text().contains("bad-key"));
+}
+
+#[test]
+fn replace_policy_hands_the_stream_to_the_newcomer() {
+    let env = Env::new();
+    let core = start_core(&env, "core-1", "127.0.0.1:0");
+    let core_admin = core.addr("admin");
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.extra_rtmp = "on_duplicate = \"replace\"".into();
+    let edge = start_edge(&env, &opts);
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let mut first = ffmpeg_publish(&url, 20, "320x240", None);
+    edge.wait_log(Duration::from_secs(10), |v| {
+        message_is(v, "publish started")
+    });
+    let sent = env.path().join("second.flv");
+    let mut second = ffmpeg_publish(&url, 4, "320x240", Some(&sent));
+    // The first publisher is disconnected; the second one's stream reaches the core whole.
+    assert!(
+        !wait_child(&mut first, Duration::from_secs(15)),
+        "first publisher kept going"
+    );
+    edge.wait_log(Duration::from_secs(5), |v| {
+        message_is(v, "replaced by a new publisher")
+    });
+    assert!(wait_child(&mut second, Duration::from_secs(30)));
+    let rec = wait_for("two recordings", Duration::from_secs(20), || {
+        let r = recordings(&env, "core-1");
+        (r.len() == 2).then_some(r)
+    });
+    // Epochs increase, so the newer file sorts last.
+    assert_same_frames(&sent, &rec[1]);
+    assert_eq!(metric(core_admin, "livepop_relay_streams"), 0.0);
+}

@@ -72,6 +72,27 @@ pub struct IngestSession {
     mp3_config_sent: bool,
 }
 
+/// rml_rtmp 0.8 panics on an AMF0 command with fewer than three values (found by the
+/// `rtmp_session` fuzz target): refuse such messages before they reach it.
+fn check_command(type_id: u8, payload: &[u8]) -> Result<(), SessionError> {
+    if type_id != 20 && type_id != 17 {
+        return Ok(());
+    }
+    let data = match payload.first() {
+        Some(0) if type_id == 17 => &payload[1..],
+        _ => payload,
+    };
+    let values = rml_amf0::deserialize(&mut std::io::Cursor::new(data))
+        .map_err(|e| SessionError::Rtmp(format!("malformed AMF0 command: {e}")))?;
+    if values.len() < 3 {
+        return Err(SessionError::Rtmp(format!(
+            "AMF0 command with {} values, at least 3 required",
+            values.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The chunk size used between our chunk layer and rml_rtmp: each message is one chunk.
 const RECHUNK_SIZE: u32 = 0xFF_FFFF;
 
@@ -121,6 +142,7 @@ impl IngestSession {
         self.reader.push(bytes)?;
         let mut events = vec![];
         while let Some(msg) = self.reader.next_message()? {
+            check_command(msg.type_id, &msg.payload)?;
             let payload = MessagePayload {
                 timestamp: RtmpTimestamp::new(msg.timestamp),
                 type_id: msg.type_id,
@@ -277,5 +299,21 @@ impl IngestSession {
             _ => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::chunk::write;
+
+    #[test]
+    fn short_amf0_command_is_an_error_not_a_panic() {
+        let (mut s, _) = IngestSession::new("live", ChunkLimits::default()).unwrap();
+        // AMF0 command holding only the string "connect": rml_rtmp alone panics on it.
+        let body = [0x02, 0x00, 0x07, b'c', b'o', b'n', b'n', b'e', b'c', b't'];
+        let bytes = write::message(3, 0, 20, 0, &body, 128);
+        let err = s.handle_input(&bytes, 0).unwrap_err();
+        assert!(err.to_string().contains("at least 3"), "{err}");
     }
 }

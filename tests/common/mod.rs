@@ -227,6 +227,7 @@ pub struct EdgeOpts {
     pub stall_ms: u64,
     pub relay_cert: String,
     pub extra_rtmp: String,
+    pub extra_auth: String,
 }
 
 impl EdgeOpts {
@@ -236,6 +237,7 @@ impl EdgeOpts {
             stall_ms: 10_000,
             relay_cert: "certs/edge".into(),
             extra_rtmp: String::new(),
+            extra_auth: String::new(),
         }
     }
 }
@@ -266,6 +268,7 @@ key = "demo-key"
 [[auth.streams]]
 name = "other"
 key = "other-key"
+{auth}
 [relay]
 cert = "{rc}.pem"
 key = "{rc}.key"
@@ -274,6 +277,7 @@ ca = "certs/ca.pem"
             stall = o.stall_ms,
             extra = o.extra_rtmp,
             rc = o.relay_cert,
+            auth = o.extra_auth,
         ),
     )
 }

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, checks formatting and lints, runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source deploy/install-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast
+else
+  cargo test --locked --no-fail-fast
+fi
