@@ -51,6 +51,8 @@ pub struct CoreConfig {
     pub admin: AdminConfig,
     /// The QUIC relay endpoint that edges connect to.
     pub relay: CoreRelayConfig,
+    /// The LL-HLS origin that serves the packaged streams; omit to only receive.
+    pub origin: Option<OriginConfig>,
     /// Optional recording of every received stream to a file, for debugging.
     pub record: Option<RecordConfig>,
 }
@@ -267,6 +269,34 @@ pub struct CoreRelayConfig {
 
 fn default_resume_grace() -> u64 {
     10_000
+}
+
+/// The core's LL-HLS origin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginConfig {
+    /// Address of the HTTP server (HTTP/1.1 and h2c), e.g. "127.0.0.1:8090".
+    pub listen: String,
+    /// Wanted part duration (ms); PART-TARGET becomes a whole number of frames near it.
+    #[serde(default = "default_part_ms")]
+    pub part_target_ms: u32,
+    /// Segment target duration (s), EXT-X-TARGETDURATION. Publishers should use a keyframe
+    /// interval of this length (longer GOPs are cut at part boundaries).
+    #[serde(default = "default_target_duration")]
+    pub target_duration_s: u32,
+    /// Complete segments listed in live playlists (the live window).
+    #[serde(default = "default_window")]
+    pub window_segments: usize,
+}
+
+fn default_part_ms() -> u32 {
+    200
+}
+fn default_target_duration() -> u32 {
+    2
+}
+fn default_window() -> usize {
+    10
 }
 
 /// Debug recording of received streams.
@@ -509,6 +539,26 @@ impl CoreConfig {
         }
         if let Some(r) = &mut self.record {
             r.dir = resolve(&base, &r.dir);
+        }
+        if let Some(o) = &self.origin {
+            check_addr(file, "origin.listen", &o.listen)?;
+            if !(1..=10).contains(&o.target_duration_s) {
+                return Err(err(
+                    file,
+                    "origin.target_duration_s",
+                    "must be 1 to 10 seconds",
+                ));
+            }
+            if o.part_target_ms < 50 || o.part_target_ms * 2 > o.target_duration_s * 1000 {
+                return Err(err(
+                    file,
+                    "origin.part_target_ms",
+                    "must be at least 50 and at most half the target duration",
+                ));
+            }
+            if o.window_segments < 3 {
+                return Err(err(file, "origin.window_segments", "must be at least 3"));
+            }
         }
         Ok(())
     }

@@ -14,7 +14,6 @@ use tokio::sync::broadcast;
 /// Serializes FLV tags. Pure apart from the `Write` it is given.
 pub struct FlvWriter<W: Write> {
     out: W,
-    base_dts: Option<i64>,
     last_ts: u32,
 }
 
@@ -22,11 +21,7 @@ impl<W: Write> FlvWriter<W> {
     /// Writes the FLV header (audio and video flags set).
     pub fn new(mut out: W) -> std::io::Result<Self> {
         out.write_all(&[b'F', b'L', b'V', 1, 0x05, 0, 0, 0, 9, 0, 0, 0, 0])?;
-        Ok(FlvWriter {
-            out,
-            base_dts: None,
-            last_ts: 0,
-        })
+        Ok(FlvWriter { out, last_ts: 0 })
     }
 
     fn tag(&mut self, kind: u8, ts: u32, parts: &[&[u8]]) -> std::io::Result<()> {
@@ -60,10 +55,9 @@ impl<W: Write> FlvWriter<W> {
         Ok(())
     }
 
-    /// Writes one frame; timestamps start at 0 with the first frame.
+    /// Writes one frame with its own timestamp (as the publisher sent it; negative ones as 0).
     pub fn write_frame(&mut self, f: &Frame, info: &StreamInfo) -> std::io::Result<()> {
-        let base = *self.base_dts.get_or_insert(f.dts);
-        let ts = (f.dts - base).clamp(0, i64::from(u32::MAX)) as u32;
+        let ts = f.dts.clamp(0, i64::from(u32::MAX)) as u32;
         self.last_ts = ts;
         let cts = (f.pts - f.dts).clamp(-(1 << 23), (1 << 23) - 1) as i32;
         let cts = &cts.to_be_bytes()[1..];
@@ -156,8 +150,8 @@ mod tests {
         w.write_frame(
             &Frame {
                 track: TrackKind::Audio,
-                dts: 1000,
-                pts: 1000,
+                dts: 0,
+                pts: 0,
                 keyframe: true,
                 arrival_us: 0,
                 data: Bytes::from_static(&[1, 2]),
@@ -168,8 +162,8 @@ mod tests {
         w.write_frame(
             &Frame {
                 track: TrackKind::Video,
-                dts: 1040,
-                pts: 1080,
+                dts: 40,
+                pts: 80,
                 keyframe: true,
                 arrival_us: 0,
                 data: Bytes::from_static(&[9]),

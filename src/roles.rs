@@ -93,9 +93,18 @@ pub async fn start_core(cfg: CoreConfig, shutdown: Shutdown) -> Result<Running> 
             crate::record::spawn(dir.clone(), s, rx, errors.clone())
         }));
     }
+    let origin = cfg
+        .origin
+        .as_ref()
+        .map(|o| crate::origin::Origin::new(o.clone(), &table));
     let relay = Arc::new(CoreRelay::bind(&cfg.relay, table, metrics.clone())?);
     let mut tasks = JoinSet::new();
     let mut addrs = vec![("relay", relay.local_addr()?)];
+    if let (Some(origin), Some(oc)) = (origin, &cfg.origin) {
+        let l = bind("origin.listen", &oc.listen).await?;
+        addrs.push(("origin", l.local_addr()?));
+        tasks.spawn(origin.serve(l, shutdown.clone()));
+    }
     let admin = bind("admin.listen", &cfg.admin.listen).await?;
     addrs.push(("admin", admin.local_addr()?));
     tasks.spawn(crate::admin::serve(

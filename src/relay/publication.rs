@@ -12,9 +12,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 
-/// Groups kept per publication: the one being filled and the previous one, whose tail may still
-/// be in flight. A writer further behind than that skips to the newest group.
-pub const MAX_GROUPS: usize = 2;
+/// At most this many groups are held per publication, however many writers still need them:
+/// a writer further behind skips to the newest group.
+pub const MAX_GROUPS: usize = 8;
 /// Audio with no video (yet) is cut into groups of this many milliseconds.
 const AUDIO_ONLY_GROUP_MS: i64 = 2000;
 
@@ -32,6 +32,8 @@ pub struct Group {
     /// No more frames will be added.
     pub closed: bool,
     bytes: usize,
+    /// Writers still sending this group; an unpinned, closed, older group is dropped.
+    pins: usize,
 }
 
 impl Group {
@@ -53,6 +55,8 @@ struct State {
     ended: bool,
     ever_sent: bool,
     evicted_unsent: u64,
+    /// Groups below this have been handed to a sender (pinned) or skipped by it.
+    reached: u64,
 }
 
 /// What a reader gets for one track of one group.
@@ -208,6 +212,7 @@ impl Publication {
                 audio: vec![],
                 closed: false,
                 bytes: 0,
+                pins: 0,
             });
         }
         // A video frame that is not a keyframe joins the open group: if that group began with
@@ -224,7 +229,30 @@ impl Publication {
             TrackKind::Audio => g.audio.push(f),
         }
         s.bytes += size;
-        while s.groups.len() > MAX_GROUPS || (s.bytes > self.max_bytes && s.groups.len() > 1) {
+        Self::evict(&mut s, self.max_bytes);
+        drop(s);
+        self.bump();
+        true
+    }
+
+    /// Drops groups nobody needs: closed older groups that every writer is done with (once a
+    /// sender has attached; before that they wait for it), then, past the hard limits, the
+    /// oldest groups even if a writer still needs them (that writer skips ahead).
+    fn evict(s: &mut State, max_bytes: usize) {
+        if s.ever_sent {
+            let newest = s.groups.back().map(|g| g.seq);
+            let reached = s.reached;
+            let mut freed = 0;
+            s.groups.retain(|g| {
+                let keep = g.pins > 0 || !g.closed || Some(g.seq) == newest || g.seq >= reached;
+                if !keep {
+                    freed += g.bytes;
+                }
+                keep
+            });
+            s.bytes -= freed;
+        }
+        while s.groups.len() > MAX_GROUPS || (s.bytes > max_bytes && s.groups.len() > 1) {
             if let Some(old) = s.groups.pop_front() {
                 s.bytes -= old.bytes;
                 if !s.ever_sent {
@@ -232,9 +260,33 @@ impl Publication {
                 }
             }
         }
-        drop(s);
-        self.bump();
-        true
+    }
+
+    /// A writer starts on group `seq`; false if the group is gone.
+    pub fn pin(&self, seq: u64) -> bool {
+        let mut s = self.lock();
+        match s.groups.iter_mut().find(|g| g.seq == seq) {
+            Some(g) => {
+                g.pins += 1;
+                s.reached = s.reached.max(seq + 1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A writer is done with group `seq`.
+    pub fn unpin(&self, seq: u64) {
+        let mut s = self.lock();
+        if let Some(g) = s.groups.iter_mut().find(|g| g.seq == seq) {
+            g.pins = g.pins.saturating_sub(1);
+        }
+        Self::evict(&mut s, self.max_bytes);
+    }
+
+    /// Groups held (for tests and metrics).
+    pub fn groups_held(&self) -> usize {
+        self.lock().groups.len()
     }
 
     /// The publisher stopped: the last group closes and readers finish.
@@ -281,7 +333,9 @@ impl Publication {
         } else {
             s.groups.back()
         };
-        held.map_or(s.next_seq, |g| g.seq)
+        let start = held.map_or(s.next_seq, |g| g.seq);
+        s.reached = start;
+        start
     }
 
     /// The config version a group decodes with, if the group is held.
@@ -429,7 +483,7 @@ mod tests {
         for i in 0..10 {
             p.push(f(TrackKind::Video, i * 1000, true, 100));
         }
-        assert_eq!(p.snapshot().groups, Some((8, 9)));
+        assert_eq!(p.snapshot().groups, Some((2, 9)));
         assert!(matches!(p.read(0, TrackKind::Video, 0), Read::Evicted));
         // A huge group evicts everything older but itself.
         p.push(f(TrackKind::Video, 20_000, true, 50_000));
@@ -440,13 +494,34 @@ mod tests {
     #[test]
     fn first_sender_starts_oldest_then_newest() {
         let p = Publication::new("s", 1, 1 << 20);
-        for i in 0..2 {
+        for i in 0..3 {
             p.push(f(TrackKind::Video, i * 1000, true, 10));
         }
         assert_eq!(p.start_seq(), 0);
-        assert_eq!(p.start_seq(), 1);
+        assert_eq!(p.start_seq(), 2);
         let empty = Publication::new("e", 1, 1 << 20);
         assert_eq!(empty.start_seq(), 0);
+    }
+
+    #[test]
+    fn sent_groups_are_freed_once_their_writers_are_done() {
+        let p = Publication::new("s", 1, 1 << 20);
+        p.push(f(TrackKind::Video, 0, true, 10));
+        assert_eq!(p.start_seq(), 0);
+        assert!(p.pin(0));
+        p.push(f(TrackKind::Video, 2000, true, 10));
+        p.push(f(TrackKind::Video, 4000, true, 10));
+        // Nothing is dropped before the sender reached it.
+        assert_eq!(p.groups_held(), 3);
+        assert!(p.pin(1));
+        p.unpin(1);
+        // Group 0 is still pinned by its writer; group 1 is done.
+        p.push(f(TrackKind::Video, 4033, false, 10));
+        assert_eq!(p.snapshot().groups, Some((0, 2)));
+        assert_eq!(p.groups_held(), 2);
+        p.unpin(0);
+        assert_eq!(p.groups_held(), 1);
+        assert_eq!(p.snapshot().groups, Some((2, 2)));
     }
 
     #[test]

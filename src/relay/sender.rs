@@ -357,6 +357,10 @@ impl EdgeRelay {
                 next_seq = next_seq.max(oldest);
                 while next_seq <= newest {
                     for track in [TrackKind::Audio, TrackKind::Video] {
+                        // Pin now, before the task runs, so the group cannot be dropped first.
+                        if !p.pin(next_seq) {
+                            continue;
+                        }
                         let w = GroupWriter {
                             conn: lc.conn.clone(),
                             p: p.clone(),
@@ -405,6 +409,12 @@ struct GroupWriter {
 
 impl GroupWriter {
     async fn run(self) -> Result<()> {
+        let r = self.write().await;
+        self.p.unpin(self.seq);
+        r
+    }
+
+    async fn write(&self) -> Result<()> {
         let mut rx = self.p.subscribe();
         let mut sent = 0usize;
         let mut prev_dts = 0i64;

@@ -1,0 +1,565 @@
+//! The core's LL-HLS origin: per-stream live state (one packager per rendition) fed from the
+//! relay, and the HTTP server (HTTP/1.1 and h2c) that answers playlist, part and segment
+//! requests, holding blocking requests until the media exists.
+//!
+//! Waiters are woken by a watch channel bumped on every new part (no polling); a rendered
+//! playlist is cached per version so that thousands of waiters woken by one part share one
+//! rendering. Response headers follow shared/LLHLS.md (appendix B.1 lifetimes, CORS).
+
+use crate::config::OriginConfig;
+use crate::hls::{self, Directives, RenditionReport, Variant};
+use crate::media::StreamInfo;
+use crate::packager::{Lookup, Packager, PackagerConfig};
+use crate::relay::receiver::{LiveStream, StreamEvent, StreamTable};
+use crate::shutdown::Shutdown;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tracing::{info, warn, Instrument};
+
+/// Name of the source rendition (the stream as published).
+pub const SOURCE: &str = "src";
+
+fn now_ms() -> i64 {
+    (crate::media::now_unix_us() / 1000) as i64
+}
+
+/// One rendition's live state.
+pub struct Rendition {
+    /// Path segment in URLs.
+    pub name: String,
+    packager: Mutex<Packager>,
+    version: watch::Sender<u64>,
+    rendered: Mutex<HashMap<bool, (u64, Bytes)>>,
+    /// The stream's codec configuration (for CODECS and RESOLUTION).
+    info: Mutex<StreamInfo>,
+}
+
+impl Rendition {
+    fn lock(&self) -> MutexGuard<'_, Packager> {
+        self.packager.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+}
+
+/// One stream's output.
+pub struct Output {
+    /// Stream name.
+    pub name: String,
+    /// Renditions (the source only, until the transcoder adds a ladder).
+    pub renditions: Vec<Arc<Rendition>>,
+    epoch: Mutex<u64>,
+}
+
+impl Output {
+    fn rendition(&self, name: &str) -> Option<&Arc<Rendition>> {
+        self.renditions.iter().find(|r| r.name == name)
+    }
+}
+
+/// All outputs of a core.
+pub struct Origin {
+    cfg: OriginConfig,
+    outputs: Mutex<HashMap<String, Arc<Output>>>,
+}
+
+fn first_msn(now_ms: i64, td: u32) -> u64 {
+    // Media sequence numbers start near wall time / TD, so that a stream published again after
+    // its output expired never reuses a URI an edge may still hold in cache.
+    (now_ms / 1000) as u64 / u64::from(td.max(1))
+}
+
+impl Origin {
+    /// An origin that packages every stream of `table`.
+    pub fn new(cfg: OriginConfig, table: &StreamTable) -> Arc<Self> {
+        let o = Arc::new(Origin {
+            cfg,
+            outputs: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&o);
+        table.on_new_stream(Arc::new(move |s, rx| {
+            if let Some(o) = weak.upgrade() {
+                let span = tracing::info_span!("package", stream = %s.name);
+                tokio::spawn(o.clone().feed(s.clone(), rx).instrument(span));
+            }
+        }));
+        o
+    }
+
+    fn packager_config(&self) -> PackagerConfig {
+        PackagerConfig {
+            part_target_ms: self.cfg.part_target_ms,
+            target_duration_s: self.cfg.target_duration_s,
+            window_segments: self.cfg.window_segments,
+            audio_wait_ms: 150,
+        }
+    }
+
+    /// The output of a stream.
+    pub fn output(&self, name: &str) -> Option<Arc<Output>> {
+        self.outputs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Consumes one relayed stream into its output.
+    async fn feed(
+        self: Arc<Self>,
+        stream: Arc<LiveStream>,
+        mut rx: broadcast::Receiver<StreamEvent>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(25));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut output: Option<Arc<Output>> = None;
+        let mut info = StreamInfo::default();
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                _ = tick.tick() => {
+                    if let Some(o) = &output {
+                        for r in &o.renditions {
+                            if r.lock().tick(now_ms()) {
+                                r.bump();
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
+            match ev {
+                Ok(StreamEvent::Info { info: i, .. }) => {
+                    let changed = i.video != info.video || i.audio != info.audio;
+                    info = i;
+                    if info.video.is_none() {
+                        continue;
+                    }
+                    match &output {
+                        None => output = Some(self.attach(&stream, info.clone())),
+                        Some(o) if changed => {
+                            for r in &o.renditions {
+                                r.lock().restart(info.clone(), stream.epoch, now_ms());
+                                *r.info.lock().unwrap_or_else(|p| p.into_inner()) = info.clone();
+                                r.bump();
+                            }
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Ok(StreamEvent::Frame(f)) => {
+                    if let Some(o) = &output {
+                        let r = &o.renditions[0];
+                        if r.lock().push(f, now_ms()) {
+                            r.bump();
+                        }
+                    }
+                }
+                Ok(StreamEvent::End) | Err(broadcast::error::RecvError::Closed) => break,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(lost = n, "packager fell behind the relay; frames lost");
+                }
+            }
+        }
+        let Some(o) = output else { return };
+        for r in &o.renditions {
+            r.lock().end(now_ms());
+            r.bump();
+        }
+        info!("stream ended; playlist closed with EXT-X-ENDLIST");
+        // Keep the ended stream for one window (players finish, the VOD view stays), then free.
+        let keep = Duration::from_secs(
+            u64::from(self.cfg.target_duration_s) * (self.cfg.window_segments as u64 + 3),
+        );
+        let epoch = stream.epoch;
+        tokio::time::sleep(keep).await;
+        let mut m = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&o.name).is_some_and(|cur| {
+            Arc::ptr_eq(cur, &o) && *cur.epoch.lock().unwrap_or_else(|p| p.into_inner()) == epoch
+        }) {
+            m.remove(&o.name);
+            info!("output freed");
+        }
+    }
+
+    /// The output for a new relayed stream: a fresh one, or the previous one of that name
+    /// continued with a discontinuity (same stream published again).
+    fn attach(&self, stream: &LiveStream, info: StreamInfo) -> Arc<Output> {
+        let mut m = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = m.get(&stream.name) {
+            *o.epoch.lock().unwrap_or_else(|p| p.into_inner()) = stream.epoch;
+            for r in &o.renditions {
+                r.lock().restart(info.clone(), stream.epoch, now_ms());
+                *r.info.lock().unwrap_or_else(|p| p.into_inner()) = info.clone();
+                r.bump();
+            }
+            info!("stream published again: continuing its playlist after a discontinuity");
+            return o.clone();
+        }
+        let packager = Packager::new(
+            self.packager_config(),
+            info.clone(),
+            first_msn(now_ms(), self.cfg.target_duration_s),
+            stream.epoch,
+        );
+        let r = Arc::new(Rendition {
+            name: SOURCE.into(),
+            packager: Mutex::new(packager),
+            version: watch::channel(0).0,
+            rendered: Mutex::new(HashMap::new()),
+            info: Mutex::new(info),
+        });
+        let o = Arc::new(Output {
+            name: stream.name.clone(),
+            renditions: vec![r],
+            epoch: Mutex::new(stream.epoch),
+        });
+        m.insert(stream.name.clone(), o.clone());
+        o
+    }
+}
+
+// ---- HTTP ------------------------------------------------------------------------------------
+
+type Resp = Response<Full<Bytes>>;
+
+fn resp(status: StatusCode, ctype: &str, cache: &str, body: Bytes) -> Resp {
+    Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .header("cache-control", cache)
+        .header("access-control-allow-origin", "*")
+        .header("access-control-expose-headers", "age, date, content-length")
+        .body(Full::new(body))
+        .unwrap_or_default()
+}
+
+fn error(status: StatusCode, msg: &str) -> Resp {
+    // Failures are cached briefly (appendix B.1), so a burst of viewers does not hammer us.
+    resp(
+        status,
+        "text/plain",
+        "max-age=1",
+        Bytes::from(format!("{msg}\n")),
+    )
+}
+
+const M3U8: &str = "application/vnd.apple.mpegurl";
+
+impl Origin {
+    /// Serves HTTP/1.1 and h2c on `listener` until shutdown.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: Shutdown) {
+        loop {
+            let (sock, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "origin accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.wait() => return,
+            };
+            let _ = sock.set_nodelay(true);
+            let me = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let me = me.clone();
+                    async move { Ok::<_, Infallible>(me.handle(req).await) }
+                });
+                let io = hyper_util::rt::TokioIo::new(sock);
+                let mut b = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                b.http2().max_concurrent_streams(1000);
+                let _ = b.serve_connection(io, svc).await;
+            });
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Resp {
+        if req.method() == Method::OPTIONS {
+            return Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .header("access-control-allow-origin", "*")
+                .header("access-control-allow-methods", "GET, HEAD, OPTIONS")
+                .header("access-control-max-age", "86400")
+                .body(Full::new(Bytes::new()))
+                .unwrap_or_default();
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        }
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().map(str::to_string);
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match parts.as_slice() {
+            ["live", name, "master.m3u8"] => self.master(name).await,
+            ["live", name, rend, file] => {
+                let Some(o) = self.output(name) else {
+                    return error(StatusCode::NOT_FOUND, "no such stream");
+                };
+                let Some(r) = o.rendition(rend).cloned() else {
+                    return error(StatusCode::NOT_FOUND, "no such rendition");
+                };
+                if *file == "index.m3u8" {
+                    self.media_playlist(&o, &r, query.as_deref()).await
+                } else {
+                    self.media_file(&r, file).await
+                }
+            }
+            _ => error(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    fn hold_limit(&self) -> Duration {
+        // §6.2.5.2: a blocking request is answered 503 after 3 target durations.
+        Duration::from_secs(3 * u64::from(self.cfg.target_duration_s))
+    }
+
+    async fn master(&self, name: &str) -> Resp {
+        let Some(o) = self.output(name) else {
+            return error(StatusCode::NOT_FOUND, "no such stream");
+        };
+        // Right after a publish starts, wait (bounded) for the first part so that CODECS and
+        // RESOLUTION come from the real stream.
+        let deadline = tokio::time::Instant::now() + self.hold_limit();
+        for r in &o.renditions {
+            let mut rx = r.version.subscribe();
+            while r.lock().playlist.last_part().is_none() {
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "stream has no media yet");
+                }
+            }
+        }
+        let variants: Vec<Variant> = o
+            .renditions
+            .iter()
+            .map(|r| {
+                let info = r.info.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let p = r.lock();
+                variant(&r.name, &info, &p)
+            })
+            .collect();
+        resp(
+            StatusCode::OK,
+            M3U8,
+            "max-age=1",
+            Bytes::from(hls::render_multivariant(&variants)),
+        )
+    }
+
+    async fn media_playlist(&self, o: &Output, r: &Rendition, query: Option<&str>) -> Resp {
+        let d = match Directives::parse(query) {
+            Ok(d) => d,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        let mut rx = r.version.subscribe();
+        let blocking = d.msn.is_some();
+        if let Some(msn) = d.msn {
+            {
+                let p = r.lock();
+                if !p.playlist.ended {
+                    if let Err(e) = too_far_ahead(&p, msn, d.part) {
+                        return error(StatusCode::BAD_REQUEST, &e);
+                    }
+                }
+            }
+            let deadline = tokio::time::Instant::now() + self.hold_limit();
+            loop {
+                {
+                    let p = r.lock();
+                    // §6.2.5.2: a playlist with EXT-X-ENDLIST ignores the directives.
+                    if p.playlist.ended || p.playlist.satisfies(msn, d.part) {
+                        break;
+                    }
+                }
+                if tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+                {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the requested segment or part did not appear within 3 target durations",
+                    );
+                }
+            }
+        }
+        let body = self.rendered(o, r, d.skip);
+        let td = u64::from(self.cfg.target_duration_s);
+        let cache = if blocking {
+            format!("max-age={}", 6 * td)
+        } else {
+            // Non-blocking reloads: about half a target duration (at least 1 s).
+            format!("max-age={}", (td / 2).max(1))
+        };
+        resp(StatusCode::OK, M3U8, &cache, body)
+    }
+
+    /// The playlist rendered for the current version, shared by every waiter of that version.
+    fn rendered(&self, o: &Output, r: &Rendition, skip: bool) -> Bytes {
+        let version = *r.version.borrow();
+        if let Some((v, b)) = r
+            .rendered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&skip)
+        {
+            if *v == version {
+                return b.clone();
+            }
+        }
+        let reports: Vec<RenditionReport> = o
+            .renditions
+            .iter()
+            .filter(|x| x.name != r.name)
+            .filter_map(|x| {
+                let (last_msn, last_part) = x.lock().playlist.last_part()?;
+                Some(RenditionReport {
+                    uri: format!("../{}/index.m3u8", x.name),
+                    last_msn,
+                    last_part,
+                })
+            })
+            .collect();
+        let p = r.lock();
+        let version = *r.version.borrow();
+        let b = Bytes::from(p.playlist.render(skip, &reports));
+        drop(p);
+        r.rendered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(skip, (version, b.clone()));
+        b
+    }
+
+    async fn media_file(&self, r: &Rendition, file: &str) -> Resp {
+        let td = u64::from(self.cfg.target_duration_s);
+        if file.starts_with("init") && file.ends_with(".mp4") {
+            return match r.lock().init_segment(file) {
+                Some(b) => resp(StatusCode::OK, "video/mp4", "max-age=86400", b),
+                None => error(StatusCode::NOT_FOUND, "no such init segment"),
+            };
+        }
+        let Some(stem) = file.strip_prefix('s').and_then(|f| f.strip_suffix(".m4s")) else {
+            return error(StatusCode::NOT_FOUND, "not found");
+        };
+        let mut nums = stem.split('.');
+        let msn: Option<u64> = nums.next().and_then(|n| n.parse().ok());
+        let part: Option<Option<u64>> = match nums.next() {
+            None => Some(None),
+            Some(p) => p.parse().ok().map(Some),
+        };
+        let (Some(msn), Some(part), None) = (msn, part, nums.next()) else {
+            return error(StatusCode::NOT_FOUND, "not found");
+        };
+        let mut rx = r.version.subscribe();
+        let deadline = tokio::time::Instant::now() + self.hold_limit();
+        loop {
+            let found = {
+                let p = r.lock();
+                match part {
+                    Some(i) => p.part(msn, i),
+                    None => p.segment(msn),
+                }
+            };
+            match found {
+                Lookup::Ready(b) => {
+                    // Parts live about 6 target durations at most (appendix B.1); segments long.
+                    let cache = match part {
+                        Some(_) => format!("max-age={}", 6 * td),
+                        None => "max-age=86400".to_string(),
+                    };
+                    return resp(StatusCode::OK, "video/mp4", &cache, b);
+                }
+                Lookup::Missing => return error(StatusCode::NOT_FOUND, "no such part or segment"),
+                // A preload-hinted part (or an in-progress segment): hold until complete.
+                Lookup::Pending => {
+                    if tokio::time::timeout_at(deadline, rx.changed())
+                        .await
+                        .is_err()
+                    {
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "part not completed in time",
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// §6.2.5.2: _HLS_msn more than two past the last segment, or _HLS_part beyond the Advance
+/// Part Limit (3 / PART-TARGET parts when PART-TARGET < 1 s, else 3), is refused at once.
+fn too_far_ahead(p: &Packager, msn: u64, part: Option<u64>) -> Result<(), String> {
+    let last_msn = p.playlist.segments.last().map_or(0, |s| s.msn);
+    if p.playlist.segments.is_empty() {
+        return Ok(());
+    }
+    if msn > last_msn + 2 {
+        return Err(format!(
+            "_HLS_msn={msn} is more than two segments past the last ({last_msn})"
+        ));
+    }
+    if let Some(part) = part {
+        let pt = p.part_target();
+        let limit = if pt < 1.0 {
+            (3.0 / pt).floor() as u64
+        } else {
+            3
+        };
+        let per_seg = (f64::from(p.playlist.config.target_duration) / pt)
+            .round()
+            .max(1.0) as u64;
+        let (lm, lp) = p.playlist.last_part().unwrap_or((last_msn, 0));
+        let want = msn * per_seg + part;
+        let have = lm * per_seg + lp;
+        if want > have + limit {
+            return Err(format!(
+                "_HLS_part={part} of segment {msn} is more than {limit} parts past the last part"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn variant(name: &str, info: &StreamInfo, p: &Packager) -> Variant {
+    let mut codecs = vec![];
+    if let Some(v) = &info.video {
+        codecs.push(crate::cmaf::video_codec_string(v));
+    }
+    if let Some(a) = &info.audio {
+        if a.codec == crate::media::AudioCodec::Aac {
+            codecs.push(crate::cmaf::audio_codec_string(a));
+        }
+    }
+    let resolution = info
+        .video
+        .as_ref()
+        .and_then(|v| crate::media::avc_dimensions(&v.record))
+        .or_else(|| Some((info.metadata.width?, info.metadata.height?)));
+    let (avg, peak) = p.bitrates();
+    Variant {
+        uri: format!("{name}/index.m3u8"),
+        bandwidth: peak.max(avg).max(1),
+        average_bandwidth: avg.max(1),
+        codecs: codecs.join(","),
+        resolution,
+        frame_rate: p.frame_rate().or(info.metadata.frame_rate.map(f64::from)),
+    }
+}
