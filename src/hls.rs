@@ -262,7 +262,8 @@ pub struct Variant {
 
 /// The multivariant playlist (§4.4.6).
 pub fn render_multivariant(variants: &[Variant]) -> String {
-    let mut o = String::from("#EXTM3U\n#EXT-X-VERSION:9\n#EXT-X-INDEPENDENT-SEGMENTS\n");
+    // No EXT-X-INDEPENDENT-SEGMENTS: with a long source GOP a segment may start between keyframes.
+    let mut o = String::from("#EXTM3U\n#EXT-X-VERSION:9\n");
     for v in variants {
         let _ = write!(
             o,

@@ -109,7 +109,10 @@ pub fn spawn(
             loop {
                 match rx.blocking_recv() {
                     Ok(StreamEvent::Info { info: i, .. }) => {
-                        w.write_info(&i)?;
+                        // Metadata-only updates must not repeat the sequence headers.
+                        if i.video != info.video || i.audio != info.audio {
+                            w.write_info(&i)?;
+                        }
                         info = i;
                     }
                     Ok(StreamEvent::Frame(frame)) => w.write_frame(&frame, &info)?,

@@ -224,6 +224,7 @@ fn interleaved_chunk_streams_arrive_intact() {
         v
     };
     let mut interleaved_messages = 0;
+    let mut paced = vec![];
     for i in 0..video.len().max(audio.len()) {
         let vc = video.get(i).map(|t| chunks(6, t)).unwrap_or_default();
         let ac = audio.get(i).map(|t| chunks(4, t)).unwrap_or_default();
@@ -242,8 +243,9 @@ fn interleaved_chunk_streams_arrive_intact() {
         for c in vi {
             wire.extend(c);
         }
-        assert!(p.send(&wire));
+        paced.push((video.get(i).map_or(0, |t| t.1), wire));
     }
+    send_paced(&mut p, &paced, 4);
     assert!(interleaved_messages > 5, "test input did not interleave");
     drop(p); // publisher disconnects: the stream ends
     let rec = wait_for("recording", Duration::from_secs(20), || {

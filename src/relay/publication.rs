@@ -12,9 +12,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::watch;
 
-/// At most this many groups are held per publication, however many writers still need them:
-/// a writer further behind skips to the newest group.
-pub const MAX_GROUPS: usize = 8;
+/// A closed group is dropped, even if a writer still needs it, once it closed this long (wall
+/// time) before the newest frame arrived: a writer that far behind skips to the newest group.
+/// Measured in wall time, so a burst (an encoder catching up) is relayed whole.
+pub const MAX_LAG_US: u64 = 4_000_000;
+/// A sanity cap on groups held.
+pub const MAX_GROUPS: usize = 64;
 /// Audio with no video (yet) is cut into groups of this many milliseconds.
 const AUDIO_ONLY_GROUP_MS: i64 = 2000;
 
@@ -34,6 +37,8 @@ pub struct Group {
     bytes: usize,
     /// Writers still sending this group; an unpinned, closed, older group is dropped.
     pins: usize,
+    /// Arrival time of the frame that closed it (µs since the epoch).
+    closed_at_us: u64,
 }
 
 impl Group {
@@ -57,6 +62,8 @@ struct State {
     evicted_unsent: u64,
     /// Groups below this have been handed to a sender (pinned) or skipped by it.
     reached: u64,
+    /// Arrival time of the newest frame.
+    newest_arrival_us: u64,
 }
 
 /// What a reader gets for one track of one group.
@@ -198,9 +205,11 @@ impl Publication {
                 }
             },
         };
+        let now_us = f.arrival_us;
         if start_new {
             if let Some(g) = s.groups.back_mut() {
                 g.closed = true;
+                g.closed_at_us = now_us;
             }
             let seq = s.next_seq;
             s.next_seq += 1;
@@ -213,6 +222,7 @@ impl Publication {
                 closed: false,
                 bytes: 0,
                 pins: 0,
+                closed_at_us: 0,
             });
         }
         // A video frame that is not a keyframe joins the open group: if that group began with
@@ -229,6 +239,7 @@ impl Publication {
             TrackKind::Audio => g.audio.push(f),
         }
         s.bytes += size;
+        s.newest_arrival_us = now_us;
         Self::evict(&mut s, self.max_bytes);
         drop(s);
         self.bump();
@@ -252,7 +263,13 @@ impl Publication {
             });
             s.bytes -= freed;
         }
-        while s.groups.len() > MAX_GROUPS || (s.bytes > max_bytes && s.groups.len() > 1) {
+        let newest = s.newest_arrival_us;
+        let too_old = |g: &Group| g.closed && newest.saturating_sub(g.closed_at_us) > MAX_LAG_US;
+        while s.groups.len() > 1
+            && (s.groups.len() > MAX_GROUPS
+                || s.bytes > max_bytes
+                || s.groups.front().is_some_and(too_old))
+        {
             if let Some(old) = s.groups.pop_front() {
                 s.bytes -= old.bytes;
                 if !s.ever_sent {
@@ -293,8 +310,10 @@ impl Publication {
     pub fn end(&self) {
         let mut s = self.lock();
         s.ended = true;
+        let now = s.newest_arrival_us;
         if let Some(g) = s.groups.back_mut() {
             g.closed = true;
+            g.closed_at_us = now;
         }
         drop(s);
         self.bump();
@@ -447,7 +466,8 @@ mod tests {
             dts,
             pts: dts,
             keyframe: key,
-            arrival_us: 0,
+            // Real time: arrival follows the timestamps.
+            arrival_us: dts as u64 * 1000,
             data: Bytes::from(vec![0u8; size]),
         }
     }
@@ -483,7 +503,16 @@ mod tests {
         for i in 0..10 {
             p.push(f(TrackKind::Video, i * 1000, true, 100));
         }
-        assert_eq!(p.snapshot().groups, Some((2, 9)));
+        // Groups that closed more than 4 s before the newest frame are gone.
+        assert_eq!(p.snapshot().groups, Some((4, 9)));
+        // A burst (all arriving at once) is kept whole.
+        let b = Publication::new("b", 1, 1 << 20);
+        for i in 0..10 {
+            let mut fr = f(TrackKind::Video, i * 1000, true, 100);
+            fr.arrival_us = 42;
+            b.push(fr);
+        }
+        assert_eq!(b.snapshot().groups, Some((0, 9)));
         assert!(matches!(p.read(0, TrackKind::Video, 0), Read::Evicted));
         // A huge group evicts everything older but itself.
         p.push(f(TrackKind::Video, 20_000, true, 50_000));

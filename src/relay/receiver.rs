@@ -96,6 +96,8 @@ impl LiveStream {
         let _ = self.tx.send(StreamEvent::Info { version, info });
     }
 
+    /// Sends frames to consumers. Called with the state lock held, so that frames released by
+    /// one group's reader and frames delivered by another's reach consumers in order.
     fn send_frames(&self, out: Vec<Frame>) {
         for f in out {
             let _ = self.tx.send(StreamEvent::Frame(f));
@@ -112,7 +114,6 @@ impl LiveStream {
                 None => s.order[i] = Some(TrackOrder::new(track, start, REORDER_WAIT_US)),
             }
         }
-        drop(s);
         self.send_frames(out);
     }
 
@@ -128,7 +129,6 @@ impl LiveStream {
         let mut out = vec![];
         let order = s.order[t].get_or_insert_with(|| TrackOrder::new(track, seq, REORDER_WAIT_US));
         let v = order.offer(seq, idx, frame, now_us, &mut out);
-        drop(s);
         let n = out.len();
         self.send_frames(out);
         (v, n)
@@ -141,7 +141,6 @@ impl LiveStream {
         if let Some(o) = &mut s.order[track_index(track)] {
             o.finish(seq, &mut out);
         }
-        drop(s);
         let n = out.len();
         self.send_frames(out);
         n

@@ -166,6 +166,19 @@ pub fn message_is(v: &serde_json::Value, m: &str) -> bool {
         .is_some_and(|s| s.contains(m))
 }
 
+/// A plain HTTP/1.0 GET; returns (status, headers, body bytes).
+pub fn http_get_full(addr: SocketAddr, path: &str) -> Option<(u16, String, Vec<u8>)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut resp = vec![];
+    s.read_to_end(&mut resp).ok()?;
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, head, resp[split + 4..].to_vec()))
+}
+
 /// A plain HTTP/1.0 GET; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
@@ -288,6 +301,16 @@ pub fn start_core(env: &Env, name: &str, listen: &str) -> Proc {
     Proc::start(name, &["core", "--config", cfg.to_str().unwrap()])
 }
 
+/// Starts a core with an LL-HLS origin on port 0 (`origin_extra` goes into [origin]).
+pub fn start_core_with_origin(env: &Env, name: &str, origin_extra: &str) -> Proc {
+    let base = std::fs::read_to_string(core_config(env, name, "127.0.0.1:0", false)).unwrap();
+    let cfg = env.write(
+        &format!("{name}-origin.toml"),
+        &format!("{base}[origin]\nlisten = \"127.0.0.1:0\"\n{origin_extra}\n"),
+    );
+    Proc::start(name, &["core", "--config", cfg.to_str().unwrap()])
+}
+
 pub fn start_edge(env: &Env, o: &EdgeOpts) -> Proc {
     let cfg = edge_config(env, o);
     let p = Proc::start("edge", &["edge", "--config", cfg.to_str().unwrap()]);
@@ -358,7 +381,13 @@ pub fn packets(file: &Path) -> Vec<(String, i64, bool)> {
         .arg(file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "ffprobe failed on {}", file.display());
+    assert!(
+        out.status.success(),
+        "ffprobe failed on {} ({} bytes): {}",
+        file.display(),
+        std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -434,8 +463,20 @@ pub fn assert_same_frames(sent: &Path, got: &Path) {
             .collect()
     };
     assert_eq!(keys(&av), keys(&bv), "keyframe positions");
-    assert_eq!(av, bv, "video timestamps");
-    assert_eq!(aa, ba, "audio timestamps");
+    let first_diff = |a: &[(i64, bool)], b: &[(i64, bool)]| {
+        let i = a.iter().zip(b).position(|(x, y)| x != y)?;
+        Some(format!(
+            "first difference at packet {i}: sent {:?}, got {:?}",
+            &a[i.saturating_sub(2)..(i + 3).min(a.len())],
+            &b[i.saturating_sub(2)..(i + 3).min(b.len())]
+        ))
+    };
+    if let Some(d) = first_diff(&av, &bv) {
+        panic!("video timestamps differ: {d}");
+    }
+    if let Some(d) = first_diff(&aa, &ba) {
+        panic!("audio timestamps differ: {d}");
+    }
     let (da, db) = (duration(sent), duration(got));
     assert!(
         (da - db).abs() <= 1.0 / 30.0 + 1e-6,
@@ -546,6 +587,20 @@ impl RawPublisher {
             .publish_video_data(data.into(), rml_rtmp::time::RtmpTimestamp::new(ts), false)
             .unwrap();
         send_results(&mut self.s, vec![r]);
+    }
+}
+
+/// Paces `chunks` (media timestamp in ms, bytes) at `speed` × real time, like an encoder
+/// catching up (the relay sends newer groups first, so an instant burst of many seconds would
+/// rightly lose its oldest groups). Sleeps here shape traffic; they synchronize nothing.
+pub fn send_paced(p: &mut RawPublisher, chunks: &[(u32, Vec<u8>)], speed: u32) {
+    let start = Instant::now();
+    for (ts, bytes) in chunks {
+        let due = Duration::from_millis(u64::from(*ts / speed.max(1)));
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        assert!(p.send(bytes), "edge closed the connection");
     }
 }
 

@@ -1,0 +1,476 @@
+//! LL-HLS from the core's origin (issue 3), end to end with real processes: ffmpeg or a raw
+//! RTMP publisher → edge → QUIC → core → HTTP. Rule tests name their section of
+//! draft-pantos-hls-rfc8216bis (shared/LLHLS.md).
+
+mod common;
+use common::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
+    http_get_full(addr, path).unwrap_or_else(|| panic!("GET {path} failed"))
+}
+
+fn text(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (s, _, b) = get(addr, path);
+    (s, String::from_utf8_lossy(&b).to_string())
+}
+
+/// (msn, part) of the preload hint.
+/// The master playlist once the stream is live (404 until the publish reaches the core).
+fn master(origin: SocketAddr) -> String {
+    wait_for("the stream at the origin", Duration::from_secs(15), || {
+        let (s, m) = text(origin, "/live/demo/master.m3u8");
+        (s == 200).then_some(m)
+    })
+}
+
+fn hint(pl: &str) -> (u64, u64) {
+    let uri = pl
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))
+        .expect("preload hint")
+        .trim_end_matches('"');
+    let stem = uri.trim_start_matches('s').trim_end_matches(".m4s");
+    let (m, p) = stem.split_once('.').unwrap();
+    (m.parse().unwrap(), p.parse().unwrap())
+}
+
+fn complete_segments(pl: &str) -> Vec<(f64, String)> {
+    let lines: Vec<&str> = pl.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let d = l
+                .strip_prefix("#EXTINF:")?
+                .trim_end_matches(',')
+                .parse()
+                .ok()?;
+            Some((d, lines[i + 1].to_string()))
+        })
+        .collect()
+}
+
+/// (duration, uri) of every part tag.
+fn parts(pl: &str) -> Vec<(f64, String, bool)> {
+    pl.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("#EXT-X-PART:DURATION=")?;
+            let (d, rest) = rest.split_once(",URI=\"")?;
+            let (uri, rest) = rest.split_once('"')?;
+            Some((
+                d.parse().ok()?,
+                uri.to_string(),
+                rest.contains("INDEPENDENT=YES"),
+            ))
+        })
+        .collect()
+}
+
+/// Sum of the video track's sample durations (trun) in a fragment sequence, in seconds, and
+/// the first tfdt.
+fn video_duration(b: &[u8]) -> (f64, u64) {
+    fn walk(b: &[u8], out: &mut (u64, Option<u64>), track: &mut u32) {
+        let mut off = 0;
+        while off + 8 <= b.len() {
+            let size = u32::from_be_bytes(b[off..off + 4].try_into().unwrap()) as usize;
+            let kind = &b[off + 4..off + 8];
+            let body = &b[off + 8..off + size];
+            match kind {
+                b"moof" | b"traf" => walk(body, out, track),
+                b"tfhd" => *track = u32::from_be_bytes(body[4..8].try_into().unwrap()),
+                b"tfdt" if *track == 1 => {
+                    let t = u64::from_be_bytes(body[4..12].try_into().unwrap());
+                    out.1.get_or_insert(t);
+                }
+                b"trun" if *track == 1 => {
+                    let flags = u32::from_be_bytes(body[0..4].try_into().unwrap()) & 0xFFFFFF;
+                    let n = u32::from_be_bytes(body[4..8].try_into().unwrap()) as usize;
+                    let mut p =
+                        8 + if flags & 1 != 0 { 4 } else { 0 } + if flags & 4 != 0 { 4 } else { 0 };
+                    let per = [0x100, 0x200, 0x400, 0x800]
+                        .iter()
+                        .filter(|f| flags & **f != 0)
+                        .count()
+                        * 4;
+                    assert!(flags & 0x100 != 0, "sample durations present");
+                    for _ in 0..n {
+                        out.0 += u64::from(u32::from_be_bytes(body[p..p + 4].try_into().unwrap()));
+                        p += per;
+                    }
+                }
+                _ => {}
+            }
+            off += size;
+        }
+    }
+    let mut out = (0, None);
+    walk(b, &mut out, &mut 0);
+    (out.0 as f64 / 90_000.0, out.1.unwrap_or(0))
+}
+
+fn ffprobe_packets(file: &std::path::Path) -> (usize, usize, String) {
+    let out = std::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "packet=codec_type:stream=codec_name,width,height",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ffprobe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8(out.stdout).unwrap();
+    let v = s.lines().filter(|l| *l == "video").count();
+    let a = s.lines().filter(|l| *l == "audio").count();
+    (v, a, s)
+}
+
+#[test]
+fn ffmpeg_plays_the_stream_and_the_media_matches_the_playlist() {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "");
+    let origin = core.addr("origin");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let mut ff = ffmpeg_publish(&url, 24, "640x360", None);
+    let master = master(origin);
+    // §4.4.6.2: exact CODECS from the real configuration; RESOLUTION, FRAME-RATE, BANDWIDTH.
+    assert!(
+        master.contains("CODECS=\"avc1.42c01e,mp4a.40.2\""),
+        "{master}"
+    );
+    assert!(master.contains("RESOLUTION=640x360"));
+    assert!(master.contains("FRAME-RATE=30.000"));
+    assert!(master.contains("AVERAGE-BANDWIDTH="));
+
+    // A plain HLS player starts 3 segments from the end: wait until they exist.
+    wait_for("3 complete segments", Duration::from_secs(15), || {
+        (complete_segments(&text(origin, "/live/demo/src/index.m3u8").1).len() >= 3).then_some(())
+    });
+    let player = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-nostdin", "-i"])
+        .arg(format!("http://{origin}/live/demo/master.m3u8"))
+        .args(["-t", "10", "-f", "null", "-"])
+        .output()
+        .unwrap();
+    let errors = String::from_utf8_lossy(&player.stderr);
+    assert!(player.status.success(), "player failed: {errors}");
+    assert!(errors.trim().is_empty(), "player reported: {errors}");
+
+    let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+    let segs = complete_segments(&pl);
+    assert!(segs.len() >= 4, "{pl}");
+    let map = pl
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-MAP:URI=\""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    let (s, _, init) = get(origin, &format!("/live/demo/src/{map}"));
+    assert_eq!(s, 200);
+    // Segment durations from trun equal EXTINF within 1 ms; consecutive tfdt match.
+    let mut prev_end: Option<f64> = None;
+    for (d, uri) in &segs {
+        let (s, _, seg) = get(origin, &format!("/live/demo/src/{uri}"));
+        assert_eq!(s, 200);
+        let (dur, tfdt) = video_duration(&seg);
+        assert!((dur - d).abs() <= 0.001, "{uri}: trun {dur} vs EXTINF {d}");
+        let start = tfdt as f64 / 90_000.0;
+        if let Some(e) = prev_end {
+            assert!((start - e).abs() < 1e-6, "gap before {uri}");
+        }
+        prev_end = Some(start + dur);
+    }
+    // §4.4.4.9 parts: each DURATION equals its media; ffprobe reads init + one part.
+    for (d, uri, _) in parts(&pl).iter().take(12) {
+        let (s, _, part) = get(origin, &format!("/live/demo/src/{uri}"));
+        assert_eq!(s, 200);
+        let (dur, _) = video_duration(&part);
+        assert!(
+            (dur - d).abs() <= 0.001,
+            "{uri}: trun {dur} vs DURATION {d}"
+        );
+    }
+    let (_, first_seg) = &segs[0];
+    let seg = get(origin, &format!("/live/demo/src/{first_seg}")).2;
+    let f = env.path().join("seg.mp4");
+    std::fs::write(&f, [init.clone(), seg].concat()).unwrap();
+    let (v, a, probe) = ffprobe_packets(&f);
+    assert!(
+        probe.contains("h264,640,360") && probe.contains("aac"),
+        "{probe}"
+    );
+    assert_eq!(v, 60, "a 2 s segment at 30 fps");
+    assert!(a > 80, "audio packets {a}");
+    let part_uri = &parts(&pl)[0].1;
+    let part = get(origin, &format!("/live/demo/src/{part_uri}")).2;
+    std::fs::write(&f, [init, part].concat()).unwrap();
+    let (v, _, _) = ffprobe_packets(&f);
+    assert_eq!(v, 6, "a 0.2 s part at 30 fps");
+
+    // §4.4.4.6: PROGRAM-DATE-TIME advances by the segment durations.
+    let pdts: Vec<i64> = pl
+        .lines()
+        .filter_map(|l| l.strip_prefix("#EXT-X-PROGRAM-DATE-TIME:"))
+        .map(|t| {
+            // 2026-11-23T20:45:57.123Z → ms of day is enough for differences within a test.
+            let (_, time) = t.split_once('T').unwrap();
+            let hms: Vec<f64> = time
+                .trim_end_matches('Z')
+                .split(':')
+                .map(|x| x.parse().unwrap())
+                .collect();
+            ((hms[0] * 3600.0 + hms[1] * 60.0 + hms[2]) * 1000.0).round() as i64
+        })
+        .collect();
+    for (i, (d, _)) in segs.iter().enumerate() {
+        assert_eq!(
+            pdts[i + 1] - pdts[i],
+            (d * 1000.0).round() as i64,
+            "PDT step {i}"
+        );
+    }
+    assert!(wait_child(&mut ff, Duration::from_secs(40)));
+}
+
+#[test]
+fn blocking_reload_and_preload_hint_are_answered_when_the_part_exists() {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "");
+    let origin = core.addr("origin");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let mut ff = ffmpeg_publish(&url, 12, "320x240", None);
+    master(origin);
+    for _ in 0..5 {
+        let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+        let (m, p) = hint(&pl);
+        // §6.2.5.2: block until the hinted part exists; §4.4.5.3: the hinted part blocks too.
+        let t = Instant::now();
+        let h = std::thread::spawn(move || get(origin, &format!("/live/demo/src/s{m}.{p}.m4s")));
+        let (s, head, body) = get(
+            origin,
+            &format!("/live/demo/src/index.m3u8?_HLS_msn={m}&_HLS_part={p}"),
+        );
+        let waited = t.elapsed();
+        assert_eq!(s, 200);
+        let body = String::from_utf8(body).unwrap();
+        assert!(body.contains(&format!("URI=\"s{m}.{p}.m4s\"")), "{body}");
+        assert!(
+            waited < Duration::from_secs(1),
+            "held {waited:?} for a 0.2 s part"
+        );
+        assert!(head.contains("cache-control: max-age=12"), "{head}");
+        let (s, head, part) = h.join().unwrap();
+        assert_eq!(s, 200);
+        assert!(!part.is_empty() && head.contains("video/mp4"));
+    }
+    assert!(wait_child(&mut ff, Duration::from_secs(30)));
+}
+
+/// A raw publisher sends 12 s of media at once and then stalls (connection open): the playlist
+/// stops growing, so holds time out; then it disconnects and the playlist ends.
+#[test]
+fn request_rules_on_a_stalled_then_ended_stream() {
+    let env = Env::new();
+    let core = start_core_with_origin(
+        &env,
+        "core-1",
+        "target_duration_s = 1\npart_target_ms = 200\nwindow_segments = 10",
+    );
+    let origin = core.addr("origin");
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.stall_ms = 60_000;
+    let edge = start_edge(&env, &opts);
+    let src = env.path().join("src.flv");
+    encode_flv(&src, 12);
+    let mut p = RawPublisher::publish(edge.addr("rtmp"), "demo-key");
+    let mut wire = vec![];
+    for (kind, ts, body) in flv_tags(&src) {
+        wire.extend(livepop::ingest::chunk::write::message(
+            if kind == 9 { 6 } else { 4 },
+            ts,
+            kind,
+            1,
+            &body,
+            RAW_CHUNK,
+        ));
+    }
+    assert!(p.send(&wire));
+    let pl = wait_for("10 complete segments", Duration::from_secs(20), || {
+        let (s, pl) = text(origin, "/live/demo/src/index.m3u8");
+        (s == 200 && complete_segments(&pl).len() >= 10).then_some(pl)
+    });
+    // §4.4.3.8 / §4.4.3.7 tags.
+    assert!(pl.contains("#EXT-X-TARGETDURATION:1\n"));
+    assert!(pl.contains("CAN-BLOCK-RELOAD=YES"));
+    let pt: f64 = pl
+        .split("PART-TARGET=")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let phb: f64 = pl
+        .split("PART-HOLD-BACK=")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        phb >= 3.0 * pt - 1e-9,
+        "PART-HOLD-BACK {phb} vs PART-TARGET {pt}"
+    );
+    let hb: f64 = pl
+        .split(",HOLD-BACK=")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(hb >= 3.0);
+    let csu: f64 = pl
+        .split("CAN-SKIP-UNTIL=")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(csu >= 6.0);
+    for (d, _, _) in parts(&pl) {
+        assert!(d <= pt + 1e-9, "part {d} over PART-TARGET {pt}");
+    }
+    let last_msn = complete_segments(&pl).len() as u64; // index of the in-progress one, relative
+    let first_msn: u64 = pl
+        .split("#EXT-X-MEDIA-SEQUENCE:")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let current = first_msn + last_msn; // the segment in progress
+    let (hm, hp) = hint(&pl);
+    assert_eq!(hm, current);
+    let _ = hm;
+
+    // §6.2.5.1 delta update.
+    let (_, delta) = text(origin, "/live/demo/src/index.m3u8?_HLS_skip=YES");
+    let skipped: usize = delta
+        .split("#EXT-X-SKIP:SKIPPED-SEGMENTS=")
+        .nth(1)
+        .expect("EXT-X-SKIP")
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(skipped >= 1);
+    assert_eq!(
+        complete_segments(&delta).len() + skipped,
+        complete_segments(&pl).len()
+    );
+
+    // §6.2.5.2: 400 at once.
+    let t = Instant::now();
+    assert_eq!(text(origin, "/live/demo/src/index.m3u8?_HLS_part=1").0, 400);
+    assert_eq!(
+        text(
+            origin,
+            &format!("/live/demo/src/index.m3u8?_HLS_msn={}", current + 3)
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        text(
+            origin,
+            &format!(
+                "/live/demo/src/index.m3u8?_HLS_msn={current}&_HLS_part={}",
+                hp + 40
+            )
+        )
+        .0,
+        400
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // Other query parameters change nothing.
+    assert_eq!(
+        text(origin, "/live/demo/src/index.m3u8?token=abc&x=1").0,
+        200
+    );
+    // 404 for what never existed.
+    assert_eq!(
+        get(origin, &format!("/live/demo/src/s{}.0.m4s", current + 5)).0,
+        404
+    );
+    assert_eq!(
+        get(origin, &format!("/live/demo/src/s{}.m4s", current + 5)).0,
+        404
+    );
+    assert_eq!(get(origin, "/live/nosuch/src/index.m3u8").0, 404);
+
+    // §6.2.5.2: a hold longer than 3 target durations (3 s here) is answered 503.
+    let t = Instant::now();
+    let (s, head, _) = get(
+        origin,
+        &format!("/live/demo/src/index.m3u8?_HLS_msn={}", current + 1),
+    );
+    let held = t.elapsed();
+    assert_eq!(s, 503);
+    assert!(head.contains("cache-control: max-age=1"));
+    assert!(
+        held >= Duration::from_millis(2900) && held < Duration::from_secs(5),
+        "held {held:?}"
+    );
+    let t = Instant::now();
+    assert_eq!(
+        get(origin, &format!("/live/demo/src/s{hm}.{hp}.m4s")).0,
+        503
+    );
+    assert!(t.elapsed() >= Duration::from_millis(2900));
+
+    // The publisher disconnects: EXT-X-ENDLIST, no hint, and directives are ignored.
+    drop(p);
+    let ended = wait_for("EXT-X-ENDLIST", Duration::from_secs(10), || {
+        let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+        pl.contains("#EXT-X-ENDLIST").then_some(pl)
+    });
+    assert!(!ended.contains("PRELOAD-HINT"));
+    let t = Instant::now();
+    let (s, pl) = text(
+        origin,
+        &format!(
+            "/live/demo/src/index.m3u8?_HLS_msn={}&_HLS_part=3",
+            current + 2
+        ),
+    );
+    assert_eq!(s, 200);
+    assert!(pl.contains("#EXT-X-ENDLIST"));
+    assert!(t.elapsed() < Duration::from_secs(1));
+}
