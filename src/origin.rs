@@ -37,6 +37,9 @@ pub struct Rendition {
     packager: Mutex<Packager>,
     version: watch::Sender<u64>,
     rendered: Mutex<HashMap<bool, (u64, Bytes)>>,
+    /// Wall time (µs) of the last change: sent as `livepop-changed-us` so that the delay from
+    /// a part's completion to a blocked viewer's response can be measured end to end.
+    changed_us: std::sync::atomic::AtomicU64,
     /// The stream's codec configuration (for CODECS and RESOLUTION).
     info: Mutex<StreamInfo>,
 }
@@ -47,7 +50,15 @@ impl Rendition {
     }
 
     fn bump(&self) {
+        self.changed_us.store(
+            crate::media::now_unix_us(),
+            std::sync::atomic::Ordering::Release,
+        );
         self.version.send_modify(|v| *v += 1);
+    }
+
+    fn changed_us(&self) -> u64 {
+        self.changed_us.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -216,6 +227,7 @@ impl Origin {
             packager: Mutex::new(packager),
             version: watch::channel(0).0,
             rendered: Mutex::new(HashMap::new()),
+            changed_us: std::sync::atomic::AtomicU64::new(0),
             info: Mutex::new(info),
         });
         let o = Arc::new(Output {
@@ -232,13 +244,23 @@ impl Origin {
 
 type Resp = Response<Full<Bytes>>;
 
+fn stamped(mut r: Resp, changed_us: u64) -> Resp {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&changed_us.to_string()) {
+        r.headers_mut().insert("livepop-changed-us", v);
+    }
+    r
+}
+
 fn resp(status: StatusCode, ctype: &str, cache: &str, body: Bytes) -> Resp {
     Response::builder()
         .status(status)
         .header("content-type", ctype)
         .header("cache-control", cache)
         .header("access-control-allow-origin", "*")
-        .header("access-control-expose-headers", "age, date, content-length")
+        .header(
+            "access-control-expose-headers",
+            "age, date, content-length, livepop-changed-us",
+        )
         .body(Full::new(body))
         .unwrap_or_default()
 }
@@ -407,7 +429,7 @@ impl Origin {
             // Non-blocking reloads: about half a target duration (at least 1 s).
             format!("max-age={}", (td / 2).max(1))
         };
-        resp(StatusCode::OK, M3U8, &cache, body)
+        stamped(resp(StatusCode::OK, M3U8, &cache, body), r.changed_us())
     }
 
     /// The playlist rendered for the current version, shared by every waiter of that version.
@@ -484,7 +506,7 @@ impl Origin {
                         Some(_) => format!("max-age={}", 6 * td),
                         None => "max-age=86400".to_string(),
                     };
-                    return resp(StatusCode::OK, "video/mp4", &cache, b);
+                    return stamped(resp(StatusCode::OK, "video/mp4", &cache, b), r.changed_us());
                 }
                 Lookup::Missing => return error(StatusCode::NOT_FOUND, "no such part or segment"),
                 // A preload-hinted part (or an in-progress segment): hold until complete.

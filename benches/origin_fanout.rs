@@ -1,0 +1,281 @@
+//! Origin fan-out benchmark (issue 3): N concurrent blocked playlist requests on one core
+//! process. ffmpeg publishes a live stream (edge → QUIC → core); N keep-alive HTTP/1.1 clients
+//! all ask for the next part with `_HLS_msn`/`_HLS_part`, are held, and are answered when the
+//! part completes. For each part: the time from its completion at the core (the origin's
+//! `livepop-changed-us` header) to each client's full response, in particular to the last of
+//! the N. Reports p50/p99 over many parts, and the core's RSS before and during.
+//!
+//! Run: `bash bench/origin.sh` (or `cargo bench --bench origin_fanout -- --clients 10000 --parts 40`).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+const BIN: &str = env!("CARGO_BIN_EXE_livepop");
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Proc {
+    fn start(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .arg("--log-json")
+            .args(args)
+            .env("RUST_LOG", "warn,livepop=info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start livepop");
+        let lines: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+        let out = child.stdout.take().unwrap();
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    l2.lock().unwrap().push(v);
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+    fn addr(&self, listener: &str) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = self.lines.lock().unwrap().iter().find(|v| v["fields"]["listener"] == listener) {
+                return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+            }
+            assert!(Instant::now() < deadline, "no {listener} address");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    fn status(&self, key: &str) -> f64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    }
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 GET on a kept-alive connection: (status, livepop-changed-us, body).
+async fn get(s: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> std::io::Result<(u16, u64, Vec<u8>)> {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes()).await?;
+    buf.clear();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut tmp = [0u8; 8192];
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let header = |name: &str| -> Option<u64> {
+        head.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok())
+    };
+    let len = header("content-length:").unwrap_or(0) as usize;
+    let changed = header("livepop-changed-us:").unwrap_or(0);
+    while buf.len() < head_end + len {
+        let mut tmp = [0u8; 16384];
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    Ok((status, changed, buf[head_end..head_end + len].to_vec()))
+}
+
+fn hint(pl: &str) -> Option<(u64, u64)> {
+    let uri = pl.lines().find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))?;
+    let stem = uri.trim_end_matches('"').trim_start_matches('s').trim_end_matches(".m4s");
+    let (m, p) = stem.split_once('.')?;
+    Some((m.parse().ok()?, p.parse().ok()?))
+}
+
+fn pct(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn main() {
+    let clients = arg("--clients", 10_000) as usize;
+    let rounds = arg("--parts", 40) as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(Command::new(BIN).arg("dev-certs").arg(d.join("certs")).stdout(Stdio::null()).status().unwrap().success());
+    std::fs::write(
+        d.join("core.toml"),
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[relay]\nlisten = \"127.0.0.1:0\"\ncert = \"certs/core.pem\"\nkey = \"certs/core.key\"\nclient_ca = \"certs/ca.pem\"\n[origin]\nlisten = \"127.0.0.1:0\"\npart_target_ms = 200\ntarget_duration_s = 2\n",
+    )
+    .unwrap();
+    let core = Proc::start(&["core", "--config", d.join("core.toml").to_str().unwrap()]);
+    let relay = core.addr("relay");
+    let origin = core.addr("origin");
+    std::fs::write(
+        d.join("edge.toml"),
+        format!("[admin]\nlisten = \"127.0.0.1:0\"\n[rtmp]\nlisten = \"127.0.0.1:0\"\n[auth]\n[[auth.streams]]\nname = \"bench\"\nkey = \"bench-key\"\n[relay]\ncert = \"certs/edge.pem\"\nkey = \"certs/edge.key\"\nca = \"certs/ca.pem\"\n[[relay.cores]]\nid = \"core-1\"\naddr = \"{relay}\"\n"),
+    )
+    .unwrap();
+    let edge = Proc::start(&["edge", "--config", d.join("edge.toml").to_str().unwrap()]);
+    let rtmp = edge.addr("rtmp");
+    let secs = rounds as u64 / 4 + 40;
+    let mut ff = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30", "-f", "lavfi", "-i", "sine"])
+        .args(["-t", &secs.to_string(), "-map", "0:v", "-map", "1:a"])
+        .args(["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "60", "-c:a", "aac"])
+        .args(["-f", "flv", &format!("rtmp://{rtmp}/live/bench-key")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ffmpeg");
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        // Wait for the stream.
+        let mut s = loop {
+            if let Ok(mut s) = TcpStream::connect(origin).await {
+                let mut b = vec![];
+                if let Ok((200, _, _)) = get(&mut s, &mut b, "/live/bench/master.m3u8").await {
+                    break s;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut b = vec![];
+        let rss_before = core.status("VmRSS:");
+        // Open the clients, ramped so the listen backlog never overflows.
+        let (target_tx, target_rx) = watch::channel::<Option<(u64, u64)>>(None);
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, u64, u64, u64)>();
+        let mut conns = Vec::with_capacity(clients);
+        for i in 0..clients {
+            let c = TcpStream::connect(origin).await.expect("connect");
+            c.set_nodelay(true).unwrap();
+            conns.push(c);
+            if i % 500 == 499 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        for mut c in conns {
+            let mut rx = target_rx.clone();
+            let tx = done_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::with_capacity(8192);
+                loop {
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                    let Some((m, p)) = *rx.borrow_and_update() else { return };
+                    let path = format!("/live/bench/src/index.m3u8?_HLS_msn={m}&_HLS_part={p}");
+                    match get(&mut c, &mut buf, &path).await {
+                        Ok((200, changed, _)) => {
+                            let _ = tx.send((m, p, changed, now_us()));
+                        }
+                        _ => {
+                            let _ = tx.send((m, p, 0, 0));
+                        }
+                    }
+                }
+            });
+        }
+        let cpu0 = core.cpu_seconds();
+        let mut last_of_n = vec![];
+        let mut all = vec![];
+        let mut rss_during: f64 = 0.0;
+        let mut errors = 0;
+        let (_, _, pl) = get(&mut s, &mut b, "/live/bench/src/index.m3u8").await.unwrap();
+        let (mut m, mut p) = hint(&String::from_utf8_lossy(&pl)).unwrap();
+        for round in 0..rounds + 2 {
+            target_tx.send(Some((m, p))).unwrap();
+            // Sample memory while everyone is held.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            rss_during = rss_during.max(core.status("VmRSS:"));
+            let mut got = 0;
+            let mut latest = 0u64;
+            // The part's completion: the earliest change any response was released by (later
+            // responses may carry a later change, rendered after another update).
+            let mut completed = u64::MAX;
+            let mut arrivals = Vec::with_capacity(clients);
+            while got < clients {
+                let (_, _, changed, at) = done_rx.recv().await.unwrap();
+                got += 1;
+                if at == 0 {
+                    errors += 1;
+                    continue;
+                }
+                completed = completed.min(changed);
+                latest = latest.max(at);
+                arrivals.push(at);
+            }
+            // The first two rounds warm up (connections, first responses).
+            if round >= 2 && completed != u64::MAX {
+                last_of_n.push(latest.saturating_sub(completed) as f64 / 1000.0);
+                all.extend(arrivals.iter().map(|a| a.saturating_sub(completed) as f64 / 1000.0));
+            }
+            // Next: the part the playlist now hints.
+            let (_, _, pl) = get(&mut s, &mut b, "/live/bench/src/index.m3u8").await.unwrap();
+            (m, p) = hint(&String::from_utf8_lossy(&pl)).unwrap();
+        }
+        let cpu = core.cpu_seconds() - cpu0;
+        target_tx.send(None).unwrap();
+        println!("origin fan-out: {clients} blocked clients, {rounds} parts (0.2 s parts, HTTP/1.1 keep-alive)");
+        println!("  core RSS: {rss_before:.0} MB before, {rss_during:.0} MB during");
+        println!(
+            "  part completion -> last of {clients} responses: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            pct(&mut last_of_n.clone(), 0.5),
+            pct(&mut last_of_n.clone(), 0.99),
+            pct(&mut last_of_n, 1.0)
+        );
+        println!(
+            "  part completion -> each response: p50 {:.1} ms, p99 {:.1} ms ({} responses, {errors} errors)",
+            pct(&mut all.clone(), 0.5),
+            pct(&mut all.clone(), 0.99),
+            all.len()
+        );
+        println!("  core CPU during the rounds: {cpu:.1} s");
+    });
+    let _ = ff.kill();
+    let _ = ff.wait();
+}
