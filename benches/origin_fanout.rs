@@ -64,7 +64,13 @@ impl Proc {
     fn addr(&self, listener: &str) -> SocketAddr {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(v) = self.lines.lock().unwrap().iter().find(|v| v["fields"]["listener"] == listener) {
+            if let Some(v) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|v| v["fields"]["listener"] == listener)
+            {
                 return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
             }
             assert!(Instant::now() < deadline, "no {listener} address");
@@ -82,7 +88,9 @@ impl Proc {
     }
     fn cpu_seconds(&self) -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
         (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
     }
 }
@@ -95,8 +103,13 @@ impl Drop for Proc {
 }
 
 /// One HTTP/1.1 GET on a kept-alive connection: (status, livepop-changed-us, body).
-async fn get(s: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> std::io::Result<(u16, u64, Vec<u8>)> {
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes()).await?;
+async fn get(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    path: &str,
+) -> std::io::Result<(u16, u64, Vec<u8>)> {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes())
+        .await?;
     buf.clear();
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -110,9 +123,15 @@ async fn get(s: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> std::io::Resul
         buf.extend_from_slice(&tmp[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let status = head.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let header = |name: &str| -> Option<u64> {
-        head.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok())
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
     };
     let len = header("content-length:").unwrap_or(0) as usize;
     let changed = header("livepop-changed-us:").unwrap_or(0);
@@ -128,8 +147,13 @@ async fn get(s: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> std::io::Resul
 }
 
 fn hint(pl: &str) -> Option<(u64, u64)> {
-    let uri = pl.lines().find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))?;
-    let stem = uri.trim_end_matches('"').trim_start_matches('s').trim_end_matches(".m4s");
+    let uri = pl
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))?;
+    let stem = uri
+        .trim_end_matches('"')
+        .trim_start_matches('s')
+        .trim_end_matches(".m4s");
     let (m, p) = stem.split_once('.')?;
     Some((m.parse().ok()?, p.parse().ok()?))
 }
@@ -144,7 +168,13 @@ fn main() {
     let rounds = arg("--parts", 40) as usize;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    assert!(Command::new(BIN).arg("dev-certs").arg(d.join("certs")).stdout(Stdio::null()).status().unwrap().success());
+    assert!(Command::new(BIN)
+        .arg("dev-certs")
+        .arg(d.join("certs"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success());
     std::fs::write(
         d.join("core.toml"),
         "[admin]\nlisten = \"127.0.0.1:0\"\n[relay]\nlisten = \"127.0.0.1:0\"\ncert = \"certs/core.pem\"\nkey = \"certs/core.key\"\nclient_ca = \"certs/ca.pem\"\n[origin]\nlisten = \"127.0.0.1:0\"\npart_target_ms = 200\ntarget_duration_s = 2\n",
@@ -163,16 +193,39 @@ fn main() {
     let secs = rounds as u64 / 4 + 40;
     let mut ff = Command::new("ffmpeg")
         .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30", "-f", "lavfi", "-i", "sine"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=640x360:rate=30",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine",
+        ])
         .args(["-t", &secs.to_string(), "-map", "0:v", "-map", "1:a"])
-        .args(["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "60", "-c:a", "aac"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-g",
+            "60",
+            "-c:a",
+            "aac",
+        ])
         .args(["-f", "flv", &format!("rtmp://{rtmp}/live/bench-key")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("ffmpeg");
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         // Wait for the stream.
         let mut s = loop {

@@ -30,12 +30,40 @@ fn now_ms() -> i64 {
     (crate::media::now_unix_us() / 1000) as i64
 }
 
+/// What waiters need to know about a rendition, published on every change so that thousands of
+/// held requests check it without taking the rendition's lock.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Position {
+    /// Increases on every change.
+    seq: u64,
+    last_complete: Option<u64>,
+    last_part: Option<(u64, u64)>,
+    ended: bool,
+}
+
+impl Position {
+    /// §6.2.5.2 (same rule as `MediaPlaylist::satisfies`): segment `msn` complete, or part
+    /// `part` of it (an index past its end meaning the next segment's first part); a playlist
+    /// with EXT-X-ENDLIST satisfies everything.
+    fn satisfies(&self, msn: u64, part: Option<u64>) -> bool {
+        if self.ended {
+            return true;
+        }
+        match part {
+            None => self.last_complete.is_some_and(|m| m >= msn),
+            Some(p) => self
+                .last_part
+                .is_some_and(|(m, i)| m > msn || (m == msn && i >= p)),
+        }
+    }
+}
+
 /// One rendition's live state.
 pub struct Rendition {
     /// Path segment in URLs.
     pub name: String,
     packager: Mutex<Packager>,
-    version: watch::Sender<u64>,
+    version: watch::Sender<Position>,
     rendered: Mutex<HashMap<bool, (u64, Bytes)>>,
     /// Wall time (µs) of the last change: sent as `livepop-changed-us` so that the delay from
     /// a part's completion to a blocked viewer's response can be measured end to end.
@@ -54,7 +82,21 @@ impl Rendition {
             crate::media::now_unix_us(),
             std::sync::atomic::Ordering::Release,
         );
-        self.version.send_modify(|v| *v += 1);
+        let pos = {
+            let p = self.lock();
+            Position {
+                seq: 0,
+                last_complete: p.playlist.last_complete_msn(),
+                last_part: p.playlist.last_part(),
+                ended: p.playlist.ended,
+            }
+        };
+        self.version.send_modify(|v| {
+            *v = Position {
+                seq: v.seq + 1,
+                ..pos
+            }
+        });
     }
 
     fn changed_us(&self) -> u64 {
@@ -225,7 +267,7 @@ impl Origin {
         let r = Arc::new(Rendition {
             name: SOURCE.into(),
             packager: Mutex::new(packager),
-            version: watch::channel(0).0,
+            version: watch::channel(Position::default()).0,
             rendered: Mutex::new(HashMap::new()),
             changed_us: std::sync::atomic::AtomicU64::new(0),
             info: Mutex::new(info),
@@ -359,7 +401,7 @@ impl Origin {
         let deadline = tokio::time::Instant::now() + self.hold_limit();
         for r in &o.renditions {
             let mut rx = r.version.subscribe();
-            while r.lock().playlist.last_part().is_none() {
+            while rx.borrow_and_update().last_part.is_none() {
                 if tokio::time::timeout_at(deadline, rx.changed())
                     .await
                     .is_err()
@@ -403,12 +445,9 @@ impl Origin {
             }
             let deadline = tokio::time::Instant::now() + self.hold_limit();
             loop {
-                {
-                    let p = r.lock();
-                    // §6.2.5.2: a playlist with EXT-X-ENDLIST ignores the directives.
-                    if p.playlist.ended || p.playlist.satisfies(msn, d.part) {
-                        break;
-                    }
+                // §6.2.5.2: a playlist with EXT-X-ENDLIST ignores the directives.
+                if rx.borrow_and_update().satisfies(msn, d.part) {
+                    break;
                 }
                 if tokio::time::timeout_at(deadline, rx.changed())
                     .await
@@ -434,7 +473,7 @@ impl Origin {
 
     /// The playlist rendered for the current version, shared by every waiter of that version.
     fn rendered(&self, o: &Output, r: &Rendition, skip: bool) -> Bytes {
-        let version = *r.version.borrow();
+        let version = r.version.borrow().seq;
         if let Some((v, b)) = r
             .rendered
             .lock()
@@ -459,7 +498,7 @@ impl Origin {
             })
             .collect();
         let p = r.lock();
-        let version = *r.version.borrow();
+        let version = r.version.borrow().seq;
         let b = Bytes::from(p.playlist.render(skip, &reports));
         drop(p);
         r.rendered
