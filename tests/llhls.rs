@@ -474,3 +474,77 @@ fn request_rules_on_a_stalled_then_ended_stream() {
     assert!(pl.contains("#EXT-X-ENDLIST"));
     assert!(t.elapsed() < Duration::from_secs(1));
 }
+
+#[test]
+fn h2c_and_part_files_outlive_their_tags() {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "");
+    let origin = core.addr("origin");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let mut ff = ffmpeg_publish(&url, 22, "320x240", None);
+    master(origin);
+    // HTTP/2 without TLS (h2c, prior knowledge) from a real client.
+    let out = std::process::Command::new("curl")
+        .args([
+            "--http2-prior-knowledge",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+        ])
+        .arg(format!("http://{origin}/live/demo/src/index.m3u8"))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
+    // §6.2.2: a part's file stays downloadable at least 3 target durations (6 s) after its tag
+    // left the playlist.
+    let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+    let (_, uri, _) = parts(&pl).into_iter().next().expect("a part");
+    let gone = wait_for(
+        "the part tag to leave the playlist",
+        Duration::from_secs(20),
+        || {
+            let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+            (!pl.contains(&format!("\"{uri}\""))).then(Instant::now)
+        },
+    );
+    // The retention time is what is under test, so here time itself must pass.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(gone.elapsed()));
+    let (s, _, body) = get(origin, &format!("/live/demo/src/{uri}"));
+    assert_eq!(s, 200, "part {uri} gone 6 s after its tag");
+    assert!(!body.is_empty());
+    assert!(wait_child(&mut ff, Duration::from_secs(40)));
+}
+
+#[test]
+fn an_ended_stream_is_freed_after_its_window() {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "target_duration_s = 1\nwindow_segments = 3");
+    let origin = core.addr("origin");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let mut ff = ffmpeg_publish(&url, 3, "320x240", None);
+    master(origin);
+    assert!(wait_child(&mut ff, Duration::from_secs(30)));
+    let ended = wait_for("EXT-X-ENDLIST", Duration::from_secs(10), || {
+        let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+        pl.contains("#EXT-X-ENDLIST").then(Instant::now)
+    });
+    // Kept for (window + 3) target durations = 6 s, then freed: 404.
+    assert_eq!(text(origin, "/live/demo/master.m3u8").0, 200);
+    wait_for(
+        "the ended stream to be freed",
+        Duration::from_secs(15),
+        || (text(origin, "/live/demo/master.m3u8").0 == 404).then_some(()),
+    );
+    assert!(ended.elapsed() >= Duration::from_secs(5), "freed too early");
+    core.wait_log(Duration::from_secs(1), |v| message_is(v, "output freed"));
+}
