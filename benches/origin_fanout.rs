@@ -7,16 +7,15 @@
 //!
 //! Run: `bash bench/origin.sh` (or `cargo bench --bench origin_fanout -- --clients 10000 --parts 40`).
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-const BIN: &str = env!("CARGO_BIN_EXE_livepop");
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{Proc, BIN};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -32,74 +31,6 @@ fn now_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as u64
-}
-
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<serde_json::Value>>>,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .arg("--log-json")
-            .args(args)
-            .env("RUST_LOG", "warn,livepop=info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start livepop");
-        let lines: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
-        let out = child.stdout.take().unwrap();
-        let l2 = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str(&line) {
-                    l2.lock().unwrap().push(v);
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-    fn addr(&self, listener: &str) -> SocketAddr {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(v) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|v| v["fields"]["listener"] == listener)
-            {
-                return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
-            }
-            assert!(Instant::now() < deadline, "no {listener} address");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn status(&self, key: &str) -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        s.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    }
-    fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-            .split_whitespace()
-            .collect();
-        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// One HTTP/1.1 GET on a kept-alive connection: (status, livepop-changed-us, body).
@@ -180,7 +111,10 @@ fn main() {
         "[admin]\nlisten = \"127.0.0.1:0\"\n[relay]\nlisten = \"127.0.0.1:0\"\ncert = \"certs/core.pem\"\nkey = \"certs/core.key\"\nclient_ca = \"certs/ca.pem\"\n[origin]\nlisten = \"127.0.0.1:0\"\npart_target_ms = 200\ntarget_duration_s = 2\n",
     )
     .unwrap();
-    let core = Proc::start(&["core", "--config", d.join("core.toml").to_str().unwrap()]);
+    let core = Proc::start_quiet(
+        "core",
+        &["core", "--config", d.join("core.toml").to_str().unwrap()],
+    );
     let relay = core.addr("relay");
     let origin = core.addr("origin");
     std::fs::write(
@@ -188,7 +122,10 @@ fn main() {
         format!("[admin]\nlisten = \"127.0.0.1:0\"\n[rtmp]\nlisten = \"127.0.0.1:0\"\n[auth]\n[[auth.streams]]\nname = \"bench\"\nkey = \"bench-key\"\n[relay]\ncert = \"certs/edge.pem\"\nkey = \"certs/edge.key\"\nca = \"certs/ca.pem\"\n[[relay.cores]]\nid = \"core-1\"\naddr = \"{relay}\"\n"),
     )
     .unwrap();
-    let edge = Proc::start(&["edge", "--config", d.join("edge.toml").to_str().unwrap()]);
+    let edge = Proc::start_quiet(
+        "edge",
+        &["edge", "--config", d.join("edge.toml").to_str().unwrap()],
+    );
     let rtmp = edge.addr("rtmp");
     let secs = rounds as u64 / 4 + 40;
     let mut ff = Command::new("ffmpeg")
@@ -238,7 +175,7 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let mut b = vec![];
-        let rss_before = core.status("VmRSS:");
+        let rss_before = core.memory_mb("VmRSS:");
         // Open the clients, ramped so the listen backlog never overflows.
         let (target_tx, target_rx) = watch::channel::<Option<(u64, u64)>>(None);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, u64, u64, u64)>();
@@ -284,7 +221,7 @@ fn main() {
             target_tx.send(Some((m, p))).unwrap();
             // Sample memory while everyone is held.
             tokio::time::sleep(Duration::from_millis(50)).await;
-            rss_during = rss_during.max(core.status("VmRSS:"));
+            rss_during = rss_during.max(core.memory_mb("VmRSS:"));
             let mut got = 0;
             let mut latest = 0u64;
             // The part's completion: the earliest change any response was released by (later

@@ -11,16 +11,17 @@ use rml_rtmp::sessions::{
     ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult, PublishRequestType,
 };
 use rml_rtmp::time::RtmpTimestamp;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_livepop");
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{Proc, BIN};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -31,82 +32,9 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<serde_json::Value>>>,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .arg("--log-json")
-            .args(args)
-            .env("RUST_LOG", "warn,livepop=info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start livepop");
-        let lines: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
-        let out = child.stdout.take().unwrap();
-        let l2 = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str(&line) {
-                    l2.lock().unwrap().push(v);
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-    fn addr(&self, listener: &str) -> SocketAddr {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(v) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|v| v["fields"]["listener"] == listener)
-            {
-                return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
-            }
-            assert!(Instant::now() < deadline, "no {listener} address");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    /// user + system CPU seconds so far.
-    fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-        ticks / 100.0 // USER_HZ is 100 on Linux
-    }
-    fn rss_mb(&self) -> f64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        s.lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut r = String::new();
-    s.read_to_string(&mut r).unwrap();
-    r.split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
+    common::http_get(addr, path)
+        .map(|r| r.1)
         .unwrap_or_default()
 }
 
@@ -186,25 +114,6 @@ fn media(secs: u64) -> PathBuf {
         assert!(ok.success(), "ffmpeg could not make the benchmark media");
     }
     f
-}
-
-fn flv_tags(file: &Path) -> Vec<(u8, u32, Vec<u8>)> {
-    let b = std::fs::read(file).unwrap();
-    let mut pos = u32::from_be_bytes([b[5], b[6], b[7], b[8]]) as usize + 4;
-    let mut out = vec![];
-    while pos + 11 <= b.len() {
-        let kind = b[pos];
-        let size = u32::from_be_bytes([0, b[pos + 1], b[pos + 2], b[pos + 3]]) as usize;
-        let ts = u32::from_be_bytes([b[pos + 7], b[pos + 4], b[pos + 5], b[pos + 6]]);
-        if pos + 11 + size > b.len() {
-            break;
-        }
-        if kind == 8 || kind == 9 {
-            out.push((kind, ts, b[pos + 11..pos + 11 + size].to_vec()));
-        }
-        pos += 11 + size + 4;
-    }
-    out
 }
 
 async fn send(s: &mut TcpStream, results: Vec<ClientSessionResult>) -> Vec<ClientSessionEvent> {
@@ -307,7 +216,12 @@ fn main() {
     let n = arg("--publishers", 10) as usize;
     let secs = arg("--secs", 30);
     let media = media(secs + 2);
-    let tags = Arc::new(flv_tags(&media));
+    let tags: Arc<Vec<(u8, u32, Vec<u8>)>> = Arc::new(
+        common::flv_tags(&media)
+            .into_iter()
+            .filter(|t| t.0 == 8 || t.0 == 9)
+            .collect(),
+    );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert!(Command::new(BIN)
@@ -322,7 +236,10 @@ fn main() {
         "[admin]\nlisten = \"127.0.0.1:0\"\n[relay]\nlisten = \"127.0.0.1:0\"\ncert = \"certs/core.pem\"\nkey = \"certs/core.key\"\nclient_ca = \"certs/ca.pem\"\n",
     )
     .unwrap();
-    let core = Proc::start(&["core", "--config", d.join("core.toml").to_str().unwrap()]);
+    let core = Proc::start_quiet(
+        "core",
+        &["core", "--config", d.join("core.toml").to_str().unwrap()],
+    );
     let relay = core.addr("relay");
     let core_admin = core.addr("admin");
     let mut keys = String::from("[auth]\n");
@@ -334,7 +251,10 @@ fn main() {
         format!("[admin]\nlisten = \"127.0.0.1:0\"\n[rtmp]\nlisten = \"127.0.0.1:0\"\n{keys}[relay]\ncert = \"certs/edge.pem\"\nkey = \"certs/edge.key\"\nca = \"certs/ca.pem\"\n[[relay.cores]]\nid = \"core-1\"\naddr = \"{relay}\"\n"),
     )
     .unwrap();
-    let edge = Proc::start(&["edge", "--config", d.join("edge.toml").to_str().unwrap()]);
+    let edge = Proc::start_quiet(
+        "edge",
+        &["edge", "--config", d.join("edge.toml").to_str().unwrap()],
+    );
     let rtmp = edge.addr("rtmp");
     let edge_admin = edge.addr("admin");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -409,8 +329,8 @@ fn main() {
     println!("  edge->core delay: p50 {p50:.2} ms, p99 {p99:.2} ms");
     println!(
         "  peak RSS: edge {:.0} MB, core {:.0} MB; late frames {late}, skipped groups {skipped}",
-        edge.rss_mb(),
-        core.rss_mb()
+        edge.memory_mb("VmHWM:"),
+        core.memory_mb("VmHWM:")
     );
     println!(
         "| {n} | {secs} | {:.2} | {:.2} | {:.2} | {:.2} | {p50:.2} | {p99:.2} | {late} | {skipped} |",

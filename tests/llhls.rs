@@ -17,6 +17,35 @@ fn text(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// (msn, part) of the preload hint.
+/// A core with an origin (`origin_extra` in its [origin] table), an edge, and ffmpeg
+/// publishing `demo` for `secs` seconds at `size`.
+struct Live {
+    env: Env,
+    core: Proc,
+    _edge: Proc,
+    origin: SocketAddr,
+    ff: std::process::Child,
+}
+
+fn live(origin_extra: &str, secs: u32, size: &str) -> Live {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", origin_extra);
+    let origin = core.addr("origin");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let ff = ffmpeg_publish(&url, secs, size, None);
+    Live {
+        env,
+        core,
+        _edge: edge,
+        origin,
+        ff,
+    }
+}
+
 /// The master playlist once the stream is live (404 until the publish reaches the core).
 fn master(origin: SocketAddr) -> String {
     wait_for("the stream at the origin", Duration::from_secs(15), || {
@@ -136,15 +165,13 @@ fn ffprobe_packets(file: &std::path::Path) -> (usize, usize, String) {
 
 #[test]
 fn ffmpeg_plays_the_stream_and_the_media_matches_the_playlist() {
-    let env = Env::new();
-    let core = start_core_with_origin(&env, "core-1", "");
-    let origin = core.addr("origin");
-    let edge = start_edge(
-        &env,
-        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
-    );
-    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
-    let mut ff = ffmpeg_publish(&url, 24, "640x360", None);
+    let Live {
+        env,
+        core: _core,
+        origin,
+        mut ff,
+        _edge,
+    } = live("", 24, "640x360");
     let master = master(origin);
     // §4.4.6.2: exact CODECS from the real configuration; RESOLUTION, FRAME-RATE, BANDWIDTH.
     assert!(
@@ -247,15 +274,13 @@ fn ffmpeg_plays_the_stream_and_the_media_matches_the_playlist() {
 
 #[test]
 fn blocking_reload_and_preload_hint_are_answered_when_the_part_exists() {
-    let env = Env::new();
-    let core = start_core_with_origin(&env, "core-1", "");
-    let origin = core.addr("origin");
-    let edge = start_edge(
-        &env,
-        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
-    );
-    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
-    let mut ff = ffmpeg_publish(&url, 12, "320x240", None);
+    let Live {
+        env: _env,
+        core: _core,
+        origin,
+        mut ff,
+        _edge,
+    } = live("", 12, "320x240");
     master(origin);
     for _ in 0..5 {
         let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
@@ -477,15 +502,13 @@ fn request_rules_on_a_stalled_then_ended_stream() {
 
 #[test]
 fn h2c_and_part_files_outlive_their_tags() {
-    let env = Env::new();
-    let core = start_core_with_origin(&env, "core-1", "");
-    let origin = core.addr("origin");
-    let edge = start_edge(
-        &env,
-        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
-    );
-    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
-    let mut ff = ffmpeg_publish(&url, 22, "320x240", None);
+    let Live {
+        env: _env,
+        core: _core,
+        origin,
+        mut ff,
+        _edge,
+    } = live("", 22, "320x240");
     master(origin);
     // HTTP/2 without TLS (h2c, prior knowledge) from a real client.
     let out = std::process::Command::new("curl")
@@ -523,15 +546,13 @@ fn h2c_and_part_files_outlive_their_tags() {
 
 #[test]
 fn an_ended_stream_is_freed_after_its_window() {
-    let env = Env::new();
-    let core = start_core_with_origin(&env, "core-1", "target_duration_s = 1\nwindow_segments = 3");
-    let origin = core.addr("origin");
-    let edge = start_edge(
-        &env,
-        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
-    );
-    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
-    let mut ff = ffmpeg_publish(&url, 3, "320x240", None);
+    let Live {
+        env: _env,
+        core,
+        origin,
+        mut ff,
+        _edge,
+    } = live("target_duration_s = 1\nwindow_segments = 3", 3, "320x240");
     master(origin);
     assert!(wait_child(&mut ff, Duration::from_secs(30)));
     let ended = wait_for("EXT-X-ENDLIST", Duration::from_secs(10), || {

@@ -65,10 +65,19 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(name: &str, args: &[&str]) -> Self {
+        Self::spawn(name, args, true)
+    }
+
+    /// For benchmarks: warnings only, nothing echoed.
+    pub fn start_quiet(name: &str, args: &[&str]) -> Self {
+        Self::spawn(name, args, false)
+    }
+
+    fn spawn(name: &str, args: &[&str], echo: bool) -> Self {
         let mut child = Command::new(BIN)
             .arg("--log-json")
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", if echo { "info" } else { "warn,livepop=info" })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -83,7 +92,9 @@ impl Proc {
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines() {
                     let Ok(line) = line else { break };
-                    eprintln!("[{name}] {line}");
+                    if echo {
+                        eprintln!("[{name}] {line}");
+                    }
                     let v = serde_json::from_str(&line)
                         .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
                     lines.0.lock().unwrap().push(v);
@@ -147,6 +158,26 @@ impl Proc {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// User + system CPU seconds so far (/proc, USER_HZ = 100).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    }
+
+    /// A memory figure of /proc/PID/status (e.g. "VmRSS:", "VmHWM:") in MB.
+    pub fn memory_mb(&self, key: &str) -> f64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
     }
 }
 
@@ -633,6 +664,9 @@ pub fn flv_tags(file: &Path) -> Vec<(u8, u32, Vec<u8>)> {
         let kind = b[pos];
         let size = u32::from_be_bytes([0, b[pos + 1], b[pos + 2], b[pos + 3]]) as usize;
         let ts = u32::from_be_bytes([b[pos + 7], b[pos + 4], b[pos + 5], b[pos + 6]]);
+        if pos + 11 + size > b.len() {
+            break;
+        }
         let body = b[pos + 11..pos + 11 + size].to_vec();
         out.push((kind, ts, body));
         pos += 11 + size + 4;
