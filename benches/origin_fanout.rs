@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::{Proc, BIN};
+use common::Proc;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -97,35 +97,14 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
 fn main() {
     let clients = arg("--clients", 10_000) as usize;
     let rounds = arg("--parts", 40) as usize;
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    assert!(Command::new(BIN)
-        .arg("dev-certs")
-        .arg(d.join("certs"))
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success());
-    std::fs::write(
-        d.join("core.toml"),
-        "[admin]\nlisten = \"127.0.0.1:0\"\n[relay]\nlisten = \"127.0.0.1:0\"\ncert = \"certs/core.pem\"\nkey = \"certs/core.key\"\nclient_ca = \"certs/ca.pem\"\n[origin]\nlisten = \"127.0.0.1:0\"\npart_target_ms = 200\ntarget_duration_s = 2\n",
-    )
-    .unwrap();
-    let core = Proc::start_quiet(
-        "core",
-        &["core", "--config", d.join("core.toml").to_str().unwrap()],
-    );
+    let env = common::Env::new();
+    let core_cfg = common::core_config_with_origin(&env, "core-1", "");
+    let core = Proc::start_quiet("core", &["core", "--config", core_cfg.to_str().unwrap()]);
     let relay = core.addr("relay");
     let origin = core.addr("origin");
-    std::fs::write(
-        d.join("edge.toml"),
-        format!("[admin]\nlisten = \"127.0.0.1:0\"\n[rtmp]\nlisten = \"127.0.0.1:0\"\n[auth]\n[[auth.streams]]\nname = \"bench\"\nkey = \"bench-key\"\n[relay]\ncert = \"certs/edge.pem\"\nkey = \"certs/edge.key\"\nca = \"certs/ca.pem\"\n[[relay.cores]]\nid = \"core-1\"\naddr = \"{relay}\"\n"),
-    )
-    .unwrap();
-    let edge = Proc::start_quiet(
-        "edge",
-        &["edge", "--config", d.join("edge.toml").to_str().unwrap()],
-    );
+    let edge_cfg =
+        common::edge_config(&env, &common::EdgeOpts::new(vec![("core-1".into(), relay)]));
+    let edge = Proc::start_quiet("edge", &["edge", "--config", edge_cfg.to_str().unwrap()]);
     let rtmp = edge.addr("rtmp");
     let secs = rounds as u64 / 4 + 40;
     let mut ff = Command::new("ffmpeg")
@@ -153,7 +132,7 @@ fn main() {
             "-c:a",
             "aac",
         ])
-        .args(["-f", "flv", &format!("rtmp://{rtmp}/live/bench-key")])
+        .args(["-f", "flv", &format!("rtmp://{rtmp}/live/demo-key")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -168,7 +147,7 @@ fn main() {
         let mut s = loop {
             if let Ok(mut s) = TcpStream::connect(origin).await {
                 let mut b = vec![];
-                if let Ok((200, _, _)) = get(&mut s, &mut b, "/live/bench/master.m3u8").await {
+                if let Ok((200, _, _)) = get(&mut s, &mut b, "/live/demo/master.m3u8").await {
                     break s;
                 }
             }
@@ -198,7 +177,7 @@ fn main() {
                         return;
                     }
                     let Some((m, p)) = *rx.borrow_and_update() else { return };
-                    let path = format!("/live/bench/src/index.m3u8?_HLS_msn={m}&_HLS_part={p}");
+                    let path = format!("/live/demo/src/index.m3u8?_HLS_msn={m}&_HLS_part={p}");
                     match get(&mut c, &mut buf, &path).await {
                         Ok((200, changed, _)) => {
                             let _ = tx.send((m, p, changed, now_us()));
@@ -215,7 +194,7 @@ fn main() {
         let mut all = vec![];
         let mut rss_during: f64 = 0.0;
         let mut errors = 0;
-        let (_, _, pl) = get(&mut s, &mut b, "/live/bench/src/index.m3u8").await.unwrap();
+        let (_, _, pl) = get(&mut s, &mut b, "/live/demo/src/index.m3u8").await.unwrap();
         let (mut m, mut p) = hint(&String::from_utf8_lossy(&pl)).unwrap();
         for round in 0..rounds + 2 {
             target_tx.send(Some((m, p))).unwrap();
@@ -245,7 +224,7 @@ fn main() {
                 all.extend(arrivals.iter().map(|a| a.saturating_sub(completed) as f64 / 1000.0));
             }
             // Next: the part the playlist now hints.
-            let (_, _, pl) = get(&mut s, &mut b, "/live/bench/src/index.m3u8").await.unwrap();
+            let (_, _, pl) = get(&mut s, &mut b, "/live/demo/src/index.m3u8").await.unwrap();
             (m, p) = hint(&String::from_utf8_lossy(&pl)).unwrap();
         }
         let cpu = core.cpu_seconds() - cpu0;

@@ -13,7 +13,7 @@ use rml_rtmp::sessions::{
 use rml_rtmp::time::RtmpTimestamp;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::{Proc, BIN};
+use common::Proc;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -222,39 +222,17 @@ fn main() {
             .filter(|t| t.0 == 8 || t.0 == 9)
             .collect(),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    assert!(Command::new(BIN)
-        .arg("dev-certs")
-        .arg(d.join("certs"))
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success());
-    std::fs::write(
-        d.join("core.toml"),
-        "[admin]\nlisten = \"127.0.0.1:0\"\n[relay]\nlisten = \"127.0.0.1:0\"\ncert = \"certs/core.pem\"\nkey = \"certs/core.key\"\nclient_ca = \"certs/ca.pem\"\n",
-    )
-    .unwrap();
-    let core = Proc::start_quiet(
-        "core",
-        &["core", "--config", d.join("core.toml").to_str().unwrap()],
-    );
+    let env = common::Env::new();
+    let core_cfg = common::core_config(&env, "core-1", "127.0.0.1:0", false);
+    let core = Proc::start_quiet("core", &["core", "--config", core_cfg.to_str().unwrap()]);
     let relay = core.addr("relay");
     let core_admin = core.addr("admin");
-    let mut keys = String::from("[auth]\n");
-    for i in 0..n {
-        keys += &format!("[[auth.streams]]\nname = \"bench-{i}\"\nkey = \"key-{i}\"\n");
-    }
-    std::fs::write(
-        d.join("edge.toml"),
-        format!("[admin]\nlisten = \"127.0.0.1:0\"\n[rtmp]\nlisten = \"127.0.0.1:0\"\n{keys}[relay]\ncert = \"certs/edge.pem\"\nkey = \"certs/edge.key\"\nca = \"certs/ca.pem\"\n[[relay.cores]]\nid = \"core-1\"\naddr = \"{relay}\"\n"),
-    )
-    .unwrap();
-    let edge = Proc::start_quiet(
-        "edge",
-        &["edge", "--config", d.join("edge.toml").to_str().unwrap()],
-    );
+    let mut opts = common::EdgeOpts::new(vec![("core-1".into(), relay)]);
+    opts.extra_auth = (0..n)
+        .map(|i| format!("[[auth.streams]]\nname = \"bench-{i}\"\nkey = \"key-{i}\"\n"))
+        .collect();
+    let edge_cfg = common::edge_config(&env, &opts);
+    let edge = Proc::start_quiet("edge", &["edge", "--config", edge_cfg.to_str().unwrap()]);
     let rtmp = edge.addr("rtmp");
     let edge_admin = edge.addr("admin");
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -332,13 +332,18 @@ pub fn start_core(env: &Env, name: &str, listen: &str) -> Proc {
     Proc::start(name, &["core", "--config", cfg.to_str().unwrap()])
 }
 
-/// Starts a core with an LL-HLS origin on port 0 (`origin_extra` goes into [origin]).
-pub fn start_core_with_origin(env: &Env, name: &str, origin_extra: &str) -> Proc {
+/// Writes a core config with an LL-HLS origin on port 0 (`origin_extra` goes into [origin]).
+pub fn core_config_with_origin(env: &Env, name: &str, origin_extra: &str) -> PathBuf {
     let base = std::fs::read_to_string(core_config(env, name, "127.0.0.1:0", false)).unwrap();
-    let cfg = env.write(
+    env.write(
         &format!("{name}-origin.toml"),
         &format!("{base}[origin]\nlisten = \"127.0.0.1:0\"\n{origin_extra}\n"),
-    );
+    )
+}
+
+/// Starts a core with an LL-HLS origin on port 0 (`origin_extra` goes into [origin]).
+pub fn start_core_with_origin(env: &Env, name: &str, origin_extra: &str) -> Proc {
+    let cfg = core_config_with_origin(env, name, origin_extra);
     Proc::start(name, &["core", "--config", cfg.to_str().unwrap()])
 }
 
