@@ -212,6 +212,119 @@ async fn publish(
     sent
 }
 
+/// A free loopback TCP port (nginx cannot bind port 0 and report it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One nginx-rtmp instance (master + 1 worker) in its own prefix directory.
+struct Nginx {
+    child: std::process::Child,
+    prefix: PathBuf,
+}
+
+impl Nginx {
+    fn start(dir: &Path, name: &str, port: u16, push: Option<u16>) -> Nginx {
+        let prefix = dir.join(name);
+        std::fs::create_dir_all(prefix.join("logs")).unwrap();
+        let push = push
+            .map(|p| format!("push rtmp://127.0.0.1:{p}/live;"))
+            .unwrap_or_default();
+        let conf = format!(
+            "load_module /usr/lib/nginx/modules/ngx_rtmp_module.so;\n\
+             daemon off; master_process on; worker_processes 1;\n\
+             error_log logs/error.log warn; pid logs/nginx.pid;\n\
+             events {{ worker_connections 4096; }}\n\
+             rtmp {{ server {{ listen 127.0.0.1:{port}; chunk_size 4096;\n\
+             application live {{ live on; {push} }} }} }}\n"
+        );
+        std::fs::write(prefix.join("nginx.conf"), conf).unwrap();
+        let child = Command::new("/usr/sbin/nginx")
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(prefix.join("nginx.conf"))
+            .spawn()
+            .expect("nginx (apt-get install libnginx-mod-rtmp)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { child, prefix }
+    }
+
+    /// CPU seconds of the master and its workers.
+    fn cpu_seconds(&self) -> f64 {
+        let pid = self.child.id();
+        let mut pids = vec![pid];
+        if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+            pids.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+        pids.iter()
+            .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+            .map(|stat| {
+                let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+                    .split_whitespace()
+                    .collect();
+                (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+            })
+            .sum()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // A graceful stop takes the workers down with the master (SIGKILL would orphan them).
+        let _ = Command::new("/usr/sbin/nginx")
+            .arg("-p")
+            .arg(&self.prefix)
+            .arg("-c")
+            .arg(self.prefix.join("nginx.conf"))
+            .args(["-s", "stop"])
+            .status();
+        let _ = self.child.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The same publishers against nginx-rtmp: an edge nginx that `push`es every stream to a core
+/// nginx. Returns (edge CPU s, core CPU s, RTMP bytes sent).
+fn nginx_peer(n: usize, secs: u64, tags: &Arc<Vec<(u8, u32, Vec<u8>)>>) -> (f64, f64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let core_port = free_port();
+    let edge_port = free_port();
+    let core = Nginx::start(dir.path(), "core", core_port, None);
+    let edge = Nginx::start(dir.path(), "edge", edge_port, Some(core_port));
+    let rtmp: SocketAddr = format!("127.0.0.1:{edge_port}").parse().unwrap();
+    let (e0, c0) = (edge.cpu_seconds(), core.cpu_seconds());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sent: u64 = rt.block_on(async {
+        let mut tasks = vec![];
+        for i in 0..n {
+            tasks.push(tokio::spawn(publish(
+                rtmp,
+                format!("key-{i}"),
+                tags.clone(),
+                secs,
+            )));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        total
+    });
+    // nginx relays as it receives; give the push a moment to drain, then read the counters.
+    std::thread::sleep(Duration::from_millis(500));
+    (edge.cpu_seconds() - e0, core.cpu_seconds() - c0, sent)
+}
+
 fn main() {
     let n = arg("--publishers", 10) as usize;
     let secs = arg("--secs", 30);
@@ -310,8 +423,24 @@ fn main() {
         edge.memory_mb("VmHWM:"),
         core.memory_mb("VmHWM:")
     );
+    let ingest_gbit = sent as f64 * 8.0 / 1e9;
+    println!(
+        "  per ingested Gbit (RTMP bytes sent by the publishers): {:.2} CPU s",
+        (ecpu + ccpu) / ingest_gbit
+    );
     println!(
         "| {n} | {secs} | {:.2} | {:.2} | {:.2} | {:.2} | {p50:.2} | {p99:.2} | {late} | {skipped} |",
         gbit, ecpu / gbit, ccpu / gbit, (ecpu + ccpu) / gbit
     );
+    if std::env::args().any(|a| a == "--peer-nginx") {
+        drop(edge);
+        drop(core);
+        let (pe, pc, psent) = nginx_peer(n, secs, &tags);
+        let pg = psent as f64 * 8.0 / 1e9;
+        println!(
+            "  peer nginx-rtmp (edge push to core, RTMP/TCP): edge {pe:.2} s, core {pc:.2} s -> {:.2} CPU s per ingested Gbit; livepop / nginx = {:.2}",
+            (pe + pc) / pg,
+            ((ecpu + ccpu) / ingest_gbit) / ((pe + pc) / pg)
+        );
+    }
 }
