@@ -303,26 +303,30 @@ fn nginx_peer(n: usize, secs: u64, tags: &Arc<Vec<(u8, u32, Vec<u8>)>>) -> (f64,
     let edge = Nginx::start(dir.path(), "edge", edge_port, Some(core_port));
     let rtmp: SocketAddr = format!("127.0.0.1:{edge_port}").parse().unwrap();
     let (e0, c0) = (edge.cpu_seconds(), core.cpu_seconds());
+    let sent = run_publishers(rtmp, n, tags, secs);
+    // nginx relays as it receives; give the push a moment to drain, then read the counters.
+    std::thread::sleep(Duration::from_millis(500));
+    (edge.cpu_seconds() - e0, core.cpu_seconds() - c0, sent)
+}
+
+/// Runs `n` publishers (keys key-0..) against `rtmp` for `secs`; returns the RTMP bytes sent.
+fn run_publishers(
+    rtmp: SocketAddr,
+    n: usize,
+    tags: &Arc<Vec<(u8, u32, Vec<u8>)>>,
+    secs: u64,
+) -> u64 {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let sent: u64 = rt.block_on(async {
-        let mut tasks = vec![];
-        for i in 0..n {
-            tasks.push(tokio::spawn(publish(
-                rtmp,
-                format!("key-{i}"),
-                tags.clone(),
-                secs,
-            )));
-        }
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| tokio::spawn(publish(rtmp, format!("key-{i}"), tags.clone(), secs)))
+            .collect();
         let mut total = 0;
         for t in tasks {
             total += t.await.unwrap();
         }
         total
-    });
-    // nginx relays as it receives; give the push a moment to drain, then read the counters.
-    std::thread::sleep(Duration::from_millis(500));
-    (edge.cpu_seconds() - e0, core.cpu_seconds() - c0, sent)
+    })
 }
 
 fn main() {
@@ -359,23 +363,7 @@ fn main() {
 
     let (e0, c0) = (edge.cpu_seconds(), core.cpu_seconds());
     let wall = Instant::now();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let sent: u64 = rt.block_on(async {
-        let mut tasks = vec![];
-        for i in 0..n {
-            tasks.push(tokio::spawn(publish(
-                rtmp,
-                format!("key-{i}"),
-                tags.clone(),
-                secs,
-            )));
-        }
-        let mut total = 0;
-        for t in tasks {
-            total += t.await.unwrap();
-        }
-        total
-    });
+    let sent = run_publishers(rtmp, n, &tags, secs);
     // Let the relay deliver what is in flight: wait until the core's byte count settles.
     let mut last = -1.0;
     loop {
