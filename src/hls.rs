@@ -13,6 +13,8 @@ pub struct Part {
     pub duration: f64,
     /// Starts with a keyframe.
     pub independent: bool,
+    /// No media: the source skipped this time (GAP=YES; clients do not fetch it).
+    pub gap: bool,
     /// URI relative to the media playlist.
     pub uri: String,
 }
@@ -36,6 +38,13 @@ pub struct Segment {
     pub parts: Vec<Part>,
     /// All parts are in; the segment may be listed with EXTINF.
     pub complete: bool,
+}
+
+impl Segment {
+    /// Every part is a gap: the whole segment is marked EXT-X-GAP (§4.4.4.7).
+    pub fn is_gap(&self) -> bool {
+        !self.parts.is_empty() && self.parts.iter().all(|p| p.gap)
+    }
 }
 
 /// A report on another rendition (§4.4.5.4).
@@ -218,10 +227,16 @@ impl MediaPlaylist {
                     if p.independent {
                         o.push_str(",INDEPENDENT=YES");
                     }
+                    if p.gap {
+                        o.push_str(",GAP=YES");
+                    }
                     o.push('\n');
                 }
             }
             if s.complete {
+                if s.is_gap() {
+                    o.push_str("#EXT-X-GAP\n");
+                }
                 let _ = writeln!(o, "#EXTINF:{:.3},\n{}", s.duration, s.uri);
             }
         }
@@ -363,6 +378,7 @@ mod tests {
             parts: (0..parts)
                 .map(|i| Part {
                     duration: 0.2,
+                    gap: false,
                     independent: i == 0,
                     uri: format!("s{msn}.{i}.m4s"),
                 })

@@ -14,6 +14,9 @@ use crate::media::{AudioCodec, Frame, StreamInfo, TrackKind};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 
+/// A longer jump in the source's timestamps is a discontinuity rather than a gap to fill.
+const MAX_GAP_MS: i64 = 10_000;
+
 /// Packaging settings.
 #[derive(Debug, Clone)]
 pub struct PackagerConfig {
@@ -74,6 +77,8 @@ pub struct Packager {
     audio_next_ticks: Option<u64>,
     init: Option<Bytes>,
     init_id: u64,
+    /// Earlier init segments still named by a segment in the window (after a restart).
+    old_inits: Vec<(String, Bytes)>,
     /// Video of the part being filled.
     part: Vec<Frame>,
     waiting: Option<Waiting>,
@@ -136,6 +141,7 @@ impl Packager {
             audio_next_ticks: None,
             init: None,
             init_id,
+            old_inits: vec![],
             part: vec![],
             waiting: None,
             cut_seg_start: None,
@@ -164,7 +170,13 @@ impl Packager {
 
     /// The init segment named `uri`.
     pub fn init_segment(&self, uri: &str) -> Option<Bytes> {
-        (uri == self.map_uri()).then(|| self.init.clone()).flatten()
+        if uri == self.map_uri() {
+            return self.init.clone();
+        }
+        self.old_inits
+            .iter()
+            .find(|(u, _)| u == uri)
+            .map(|(_, b)| b.clone())
     }
 
     /// Frames written into parts so far.
@@ -205,21 +217,25 @@ impl Packager {
     /// The publisher came back (new epoch) or the codec changed: continue with a discontinuity
     /// and a new init segment. Media sequence numbers continue.
     pub fn restart(&mut self, info: StreamInfo, init_id: u64, now_ms: i64) {
-        self.flush(now_ms);
+        self.new_timeline(now_ms);
+        self.audio_q.clear();
         self.info = info;
         self.has_audio = self.info.audio.is_some();
-        self.init = None;
+        if let Some(old) = self.init.take() {
+            self.old_inits.push((self.map_uri(), old));
+        }
         // A new id even for a codec change within one publishing session.
         self.init_id = init_id.max(self.init_id + 1);
-        self.part.clear();
-        self.waiting = None;
-        self.cut_seg_start = None;
-        self.audio_q.clear();
-        self.audio_next_ticks = None;
-        self.seg_start_dts = None;
-        self.pdt_anchor = None;
-        self.pending_discontinuity = true;
         self.playlist.ended = false;
+    }
+
+    /// Closes what is open; the next keyframe starts a segment after EXT-X-DISCONTINUITY.
+    fn new_timeline(&mut self, now_ms: i64) {
+        self.flush(now_ms);
+        self.cut_seg_start = None;
+        self.pdt_anchor = None;
+        self.audio_next_ticks = None;
+        self.pending_discontinuity = true;
     }
 
     /// Adds a frame. Returns true if the playlist changed.
@@ -245,8 +261,16 @@ impl Packager {
             None => (1, f.dts, f.dts),
             Some((n, first, _)) => (n + 1, first, f.dts),
         });
+        if let (Some(t), Some(last)) = (self.timing, self.part.last()) {
+            let expected = last.dts + t.frame_ms.round() as i64;
+            if f.dts < last.dts || f.dts - expected > MAX_GAP_MS {
+                changed |= self.timeline_break(f.dts, now_ms);
+            } else if f.dts - expected > t.part_target_ms {
+                changed |= self.fill_gap(expected, &f);
+            }
+        }
         if self.cut_seg_start.is_none() && self.part.is_empty() && !f.keyframe {
-            return false; // wait for a keyframe to start
+            return changed; // wait for a keyframe to start
         }
         if self.pdt_anchor.is_none() {
             self.pdt_anchor = Some((f.arrival_us / 1000) as i64 - f.dts);
@@ -296,11 +320,11 @@ impl Packager {
         changed
     }
 
-    fn open_segment(&mut self, first: &Frame) {
+    fn open_segment(&mut self, dts: i64) {
         let msn = self.next_msn;
         self.next_msn += 1;
-        self.seg_start_dts = Some(first.dts);
-        let pdt_ms = self.pdt_anchor.unwrap_or(0) + first.dts;
+        self.seg_start_dts = Some(dts);
+        let pdt_ms = self.pdt_anchor.unwrap_or(0) + dts;
         let discontinuity = std::mem::take(&mut self.pending_discontinuity);
         self.playlist.segments.push(Segment {
             msn,
@@ -347,6 +371,82 @@ impl Packager {
         let newest = self.playlist.segments.last().map_or(0, |s| s.msn);
         let part_from = newest.saturating_sub(6);
         self.parts = self.parts.split_off(&(part_from, 0));
+        let segments = &self.playlist.segments;
+        self.old_inits
+            .retain(|(uri, _)| segments.iter().any(|s| &s.map_uri == uri));
+    }
+
+    /// The source skipped time (frames lost upstream, or a pause in its timestamps): the
+    /// media so far goes out, and GAP parts (whole EXT-X-GAP segments for long gaps) fill
+    /// `[from, next.dts)` so the timeline and PROGRAM-DATE-TIME stay continuous (§4.4.4.9).
+    fn fill_gap(&mut self, from: i64, next: &Frame) -> bool {
+        let Some(t) = self.timing else {
+            return false;
+        };
+        self.emit_waiting();
+        let video = std::mem::take(&mut self.part);
+        self.emit_part(video, from);
+        let target_ms = i64::from(self.cfg.target_duration_s) * 1000;
+        // Gap parts divide a segment evenly, each within PART-TARGET.
+        let per_segment = (target_ms + t.part_target_ms - 1) / t.part_target_ms;
+        let nominal = target_ms / per_segment.max(1);
+        let mut cursor = from;
+        while cursor < next.dts {
+            // Gap parts fill each segment up to the target duration exactly.
+            if self
+                .seg_start_dts
+                .is_some_and(|s| cursor - s + nominal > target_ms)
+            {
+                self.close_segment();
+            }
+            if self.seg_start_dts.is_none() {
+                self.open_segment(cursor);
+            }
+            let end = (cursor + nominal).min(next.dts);
+            self.push_gap_part(cursor, end);
+            cursor = end;
+        }
+        // Audio of the skipped time cannot be placed without its video.
+        let dropped = self.audio_q.iter().filter(|a| a.dts < next.dts).count();
+        self.audio_q.retain(|a| a.dts >= next.dts);
+        self.audio_next_ticks = None;
+        if dropped > 0 {
+            tracing::debug!(dropped, "audio inside a gap dropped");
+        }
+        // Media resuming with a keyframe starts a new segment (the short last gap part is then
+        // the last part of its segment, which §4.4.4.9 allows).
+        if next.keyframe {
+            self.close_segment();
+        }
+        self.cut_seg_start = self.seg_start_dts;
+        true
+    }
+
+    fn push_gap_part(&mut self, start: i64, end: i64) {
+        let seg_start = self.seg_start_dts.unwrap_or(start);
+        let Some(seg) = self.playlist.segments.last_mut() else {
+            return;
+        };
+        let idx = seg.parts.len() as u64;
+        seg.parts.push(Part {
+            duration: (end - start) as f64 / 1000.0,
+            independent: false,
+            gap: true,
+            uri: format!("s{}.{idx}.m4s", seg.msn),
+        });
+        seg.duration = (end - seg_start) as f64 / 1000.0;
+        self.playlist.preload_hint = Some(format!("s{}.{}.m4s", seg.msn, idx + 1));
+    }
+
+    /// Timestamps went backwards or jumped too far to fill: what is open goes out, and the
+    /// media continues after an EXT-X-DISCONTINUITY from the next keyframe, same init segment.
+    fn timeline_break(&mut self, next_dts: i64, now_ms: i64) -> bool {
+        tracing::info!(next_dts, "timestamp discontinuity in the source");
+        self.new_timeline(now_ms);
+        // Keep the audio that belongs to the new timeline.
+        let window = 2 * i64::from(self.cfg.target_duration_s) * 1000;
+        self.audio_q.retain(|a| (a.dts - next_dts).abs() < window);
+        true
     }
 
     /// Emits the waiting part if audio has caught up with its end, or waited long enough.
@@ -382,8 +482,7 @@ impl Packager {
             return;
         };
         if self.seg_start_dts.is_none() {
-            let first = first.clone();
-            self.open_segment(&first);
+            self.open_segment(first.dts);
         }
         let first = &video[0];
         let start = first.dts;
@@ -445,6 +544,7 @@ impl Packager {
         seg.parts.push(Part {
             duration,
             independent,
+            gap: false,
             uri: format!("s{}.{idx}.m4s", seg.msn),
         });
         seg.duration = (end - self.seg_start_dts.unwrap_or(start)) as f64 / 1000.0;
@@ -599,8 +699,14 @@ mod tests {
 
     /// Feeds `secs` of 30 fps video (GOP `gop` frames) and 48 kHz AAC, interleaved.
     fn feed(p: &mut Packager, secs: i64, gop: i64) {
-        let mut a = 0i64;
-        for i in 0..secs * 30 {
+        feed_frames(p, 0..secs * 30, gop);
+    }
+
+    /// Feeds video frames `range` (30 fps, GOP `gop`) and the audio of the same time.
+    fn feed_frames(p: &mut Packager, range: std::ops::Range<i64>, gop: i64) {
+        let start = (range.start * 1000 + 15) / 30;
+        let mut a = (start * 48_000 + 1_023_999) / 1_024_000;
+        for i in range {
             let dts = (i * 1000 + 15) / 30;
             while a * 1024 * 1000 / 48_000 <= dts {
                 p.push(frame(TrackKind::Audio, a * 1024 * 1000 / 48_000, true), dts);
@@ -692,8 +798,112 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].map_uri, "init-2.mp4");
         assert!(p.init_segment("init-2.mp4").is_some());
-        assert!(p.init_segment("init-1.mp4").is_none());
+        // Segments before the discontinuity still decode with the old init segment.
+        assert!(p.init_segment("init-1.mp4").is_some());
+        feed(&mut p, 30, 60);
+        assert!(
+            p.init_segment("init-1.mp4").is_none(),
+            "freed with its segments"
+        );
         let msns: Vec<u64> = p.playlist.segments.iter().map(|s| s.msn).collect();
         assert!(msns.windows(2).all(|w| w[1] == w[0] + 1), "{msns:?}");
+    }
+
+    /// Frames lost upstream (a dropped GOP) become GAP parts: the timeline, segment durations
+    /// and PROGRAM-DATE-TIME stay continuous and every part keeps within PART-TARGET.
+    #[test]
+    fn lost_frames_become_gap_parts_4_4_4_9() {
+        let mut p = Packager::new(PackagerConfig::default(), info(), 0, 1);
+        feed_frames(&mut p, 0..75, 60); // 2.5 s
+        feed_frames(&mut p, 120..300, 60); // resumes at the keyframe of 4 s: 1.5 s lost
+        let pl = &p.playlist;
+        let pt = pl.config.part_target;
+        let gaps: Vec<&Part> = pl
+            .segments
+            .iter()
+            .flat_map(|s| &s.parts)
+            .filter(|p| p.gap)
+            .collect();
+        let gap_time: f64 = gaps.iter().map(|p| p.duration).sum();
+        assert!(
+            (gap_time - 1.5).abs() < 0.002,
+            "gap parts cover {gap_time} s"
+        );
+        assert!(gaps.iter().all(|g| g.duration <= pt && !g.independent));
+        for s in pl.segments.iter().filter(|s| s.complete) {
+            assert!(s.duration.round() <= 2.0, "segment of {} s", s.duration);
+            let sum: f64 = s.parts.iter().map(|p| p.duration).sum();
+            assert!((sum - s.duration).abs() < 1e-9);
+        }
+        for w in pl.segments.windows(2) {
+            assert_eq!(
+                w[1].pdt_ms - w[0].pdt_ms,
+                (w[0].duration * 1000.0).round() as i64
+            );
+        }
+        // The media after the gap starts a segment with an independent part.
+        let resumed = pl
+            .segments
+            .iter()
+            .find(|s| s.pdt_ms - pl.segments[0].pdt_ms == 4000);
+        let resumed = resumed.expect("a segment starting at 4 s");
+        assert!(resumed.parts[0].independent && !resumed.parts[0].gap);
+        // Gap parts have no file.
+        let (msn, idx) = pl
+            .segments
+            .iter()
+            .find_map(|s| {
+                s.parts
+                    .iter()
+                    .position(|p| p.gap)
+                    .map(|i| (s.msn, i as u64))
+            })
+            .unwrap();
+        assert_eq!(p.part(msn, idx), Lookup::Missing);
+        let text = pl.render(false, &[]);
+        assert!(text.contains(",GAP=YES\n"), "{text}");
+        assert!(!pl.segments.iter().any(|s| s.discontinuity));
+    }
+
+    /// A gap longer than a segment leaves whole segments of gap parts: EXT-X-GAP (§4.4.4.7).
+    #[test]
+    fn long_gap_makes_gap_segments_4_4_4_7() {
+        let mut p = Packager::new(PackagerConfig::default(), info(), 0, 1);
+        feed_frames(&mut p, 0..60, 60);
+        feed_frames(&mut p, 240..420, 60); // 6 s missing
+        let gap_segs: Vec<&Segment> = p.playlist.segments.iter().filter(|s| s.is_gap()).collect();
+        assert!(gap_segs.len() >= 2, "{:?}", p.playlist.segments);
+        assert_eq!(p.segment(gap_segs[0].msn), Lookup::Missing);
+        let text = p.playlist.render(false, &[]);
+        let uri = &gap_segs[0].uri;
+        assert!(
+            text.contains(&format!("#EXT-X-GAP\n#EXTINF:2.000,\n{uri}\n")),
+            "{text}"
+        );
+        for s in p.playlist.segments.iter().filter(|s| s.complete) {
+            assert!(s.duration.round() <= 2.0, "segment of {} s", s.duration);
+        }
+    }
+
+    /// Timestamps that go backwards, or jump further than a gap is worth filling, continue
+    /// after a discontinuity from the next keyframe, with continuing media sequence numbers.
+    #[test]
+    fn timestamp_jumps_become_discontinuities() {
+        for resume in [30i64, 30 * 60] {
+            let mut p = Packager::new(PackagerConfig::default(), info(), 0, 1);
+            feed_frames(&mut p, 300..390, 60);
+            feed_frames(&mut p, resume..resume + 150, 60);
+            let segs = &p.playlist.segments;
+            assert_eq!(
+                segs.iter().filter(|s| s.discontinuity).count(),
+                1,
+                "{segs:?}"
+            );
+            assert!(!segs.iter().flat_map(|s| &s.parts).any(|p| p.gap));
+            assert!(segs.windows(2).all(|w| w[1].msn == w[0].msn + 1));
+            let d = segs.iter().find(|s| s.discontinuity).unwrap();
+            assert!(d.parts[0].independent);
+            assert_eq!(d.map_uri, "init-1.mp4", "same init segment");
+        }
     }
 }

@@ -139,28 +139,40 @@ fn video_duration(b: &[u8]) -> (f64, u64) {
     (out.0 as f64 / 90_000.0, out.1.unwrap_or(0))
 }
 
+/// (video packets, audio packets, ffprobe's listing) of a file.
 fn ffprobe_packets(file: &std::path::Path) -> (usize, usize, String) {
-    let out = std::process::Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-show_entries",
-            "packet=codec_type:stream=codec_name,width,height",
-            "-of",
-            "csv=p=0",
-        ])
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ffprobe: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = String::from_utf8(out.stdout).unwrap();
+    let s = ffprobe(file, "packet=codec_type:stream=codec_name,width,height");
     let v = s.lines().filter(|l| *l == "video").count();
     let a = s.lines().filter(|l| *l == "audio").count();
     (v, a, s)
+}
+
+/// Every EXT-X-PROGRAM-DATE-TIME as milliseconds of the day (enough for differences).
+fn pdt_ms(pl: &str) -> Vec<i64> {
+    pl.lines()
+        .filter_map(|l| l.strip_prefix("#EXT-X-PROGRAM-DATE-TIME:"))
+        .map(|t| {
+            let (_, time) = t.split_once('T').unwrap();
+            let hms: Vec<f64> = time
+                .trim_end_matches('Z')
+                .split(':')
+                .map(|x| x.parse().unwrap())
+                .collect();
+            ((hms[0] * 3600.0 + hms[1] * 60.0 + hms[2]) * 1000.0).round() as i64
+        })
+        .collect()
+}
+
+/// The number after `key` in a playlist (up to `,` or the end of the line).
+fn attr(pl: &str, key: &str) -> f64 {
+    let rest = pl
+        .split(key)
+        .nth(1)
+        .unwrap_or_else(|| panic!("{key} missing in:\n{pl}"));
+    let end = rest.find([',', '\n']).unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number in:\n{pl}"))
 }
 
 #[test]
@@ -248,20 +260,7 @@ fn ffmpeg_plays_the_stream_and_the_media_matches_the_playlist() {
     assert_eq!(v, 6, "a 0.2 s part at 30 fps");
 
     // §4.4.4.6: PROGRAM-DATE-TIME advances by the segment durations.
-    let pdts: Vec<i64> = pl
-        .lines()
-        .filter_map(|l| l.strip_prefix("#EXT-X-PROGRAM-DATE-TIME:"))
-        .map(|t| {
-            // 2026-11-23T20:45:57.123Z → ms of day is enough for differences within a test.
-            let (_, time) = t.split_once('T').unwrap();
-            let hms: Vec<f64> = time
-                .trim_end_matches('Z')
-                .split(':')
-                .map(|x| x.parse().unwrap())
-                .collect();
-            ((hms[0] * 3600.0 + hms[1] * 60.0 + hms[2]) * 1000.0).round() as i64
-        })
-        .collect();
+    let pdts = pdt_ms(&pl);
     // The playlist may end at a segment boundary, before the next segment's PDT is listed.
     assert!(pdts.len() >= segs.len());
     for (i, (d, _)) in segs.iter().enumerate().take(pdts.len() - 1) {
@@ -282,7 +281,7 @@ fn blocking_reload_and_preload_hint_are_answered_when_the_part_exists() {
         origin,
         mut ff,
         _edge,
-    } = live("", 12, "320x240");
+    } = live("", 16, "320x240");
     master(origin);
     for _ in 0..5 {
         let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
@@ -306,8 +305,213 @@ fn blocking_reload_and_preload_hint_are_answered_when_the_part_exists() {
         let (s, head, part) = h.join().unwrap();
         assert_eq!(s, 200);
         assert!(!part.is_empty() && head.contains("video/mp4"));
+        assert!(head.contains("access-control-allow-origin: *"), "{head}");
     }
+
+    // §6.2.5.2: a part index past the end of segment M means part 0 of segment M+1.
+    let pl = wait_for("a segment boundary", Duration::from_secs(10), || {
+        let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+        (hint(&pl).1 == 0).then_some(pl)
+    });
+    let (next, _) = hint(&pl);
+    let prev_parts = pl
+        .lines()
+        .filter(|l| l.contains(&format!("URI=\"s{}.", next - 1)))
+        .count();
+    let (s, body) = text(
+        origin,
+        &format!(
+            "/live/demo/src/index.m3u8?_HLS_msn={}&_HLS_part={prev_parts}",
+            next - 1
+        ),
+    );
+    assert_eq!(s, 200);
+    assert!(body.contains(&format!("URI=\"s{next}.0.m4s\"")), "{body}");
+
+    // §6.2.1: parts are added as the media arrives, one about every PART-TARGET: follow 25
+    // parts with blocking reloads and read when the core published each one.
+    let pt = attr(&body, "PART-TARGET=");
+    let mut at = hint(&body);
+    let mut stamps = vec![];
+    for _ in 0..25 {
+        let (s, head, body) = get(
+            origin,
+            &format!(
+                "/live/demo/src/index.m3u8?_HLS_msn={}&_HLS_part={}",
+                at.0, at.1
+            ),
+        );
+        assert_eq!(s, 200);
+        let changed: u64 = head
+            .lines()
+            .find_map(|l| l.strip_prefix("livepop-changed-us: "))
+            .expect("livepop-changed-us")
+            .trim()
+            .parse()
+            .unwrap();
+        stamps.push(changed);
+        at = hint(&String::from_utf8(body).unwrap());
+    }
+    let gaps: Vec<f64> = stamps
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]) as f64 / 1e6)
+        .collect();
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+    let max = gaps.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        mean <= pt * 1.1 && max <= 2.0 * pt,
+        "part intervals {gaps:?} (PART-TARGET {pt})"
+    );
     assert!(wait_child(&mut ff, Duration::from_secs(30)));
+}
+
+/// Media lost before the core (here: a publisher that skips 2 s of timestamps) is marked
+/// GAP=YES part by part while live and EXT-X-GAP for the whole segment, keeping the timeline
+/// and PROGRAM-DATE-TIME continuous (§4.4.4.9, §4.4.4.7).
+#[test]
+fn lost_media_is_marked_as_gap_4_4_4_7_and_4_4_4_9() {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "");
+    let origin = core.addr("origin");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let src = env.path().join("src.flv");
+    encode_flv(&src, 12); // keyframe every second
+    let paced: Vec<(u32, Vec<u8>)> = flv_tags(&src)
+        .into_iter()
+        .filter(|(_, ts, _)| !(4000..6000).contains(ts))
+        .map(|(kind, ts, body)| {
+            let csid = if kind == 9 { 6 } else { 4 };
+            let wire = livepop::ingest::chunk::write::message(csid, ts, kind, 1, &body, RAW_CHUNK);
+            (ts, wire)
+        })
+        .collect();
+    let rtmp = edge.addr("rtmp");
+    let sender = std::thread::spawn(move || {
+        let mut p = RawPublisher::publish(rtmp, "demo-key");
+        send_paced(&mut p, &paced, 2);
+        p
+    });
+    let live = wait_for("GAP=YES parts", Duration::from_secs(20), || {
+        let (s, pl) = text(origin, "/live/demo/src/index.m3u8");
+        (s == 200 && pl.contains(",GAP=YES")).then_some(pl)
+    });
+    let pt = attr(&live, "PART-TARGET=");
+    for (d, _, _) in parts(&live) {
+        assert!(d <= pt + 1e-9, "part {d} over PART-TARGET {pt}");
+    }
+    let publisher = sender.join().unwrap();
+    drop(publisher);
+    let pl = wait_for("EXT-X-ENDLIST", Duration::from_secs(10), || {
+        let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+        pl.contains("#EXT-X-ENDLIST").then_some(pl)
+    });
+    // Exactly the lost 2 s is one gap segment; it has no file; the others play on from it.
+    let gap_uri = pl
+        .split("#EXT-X-GAP\n#EXTINF:2.000,\n")
+        .nth(1)
+        .and_then(|r| r.lines().next())
+        .unwrap_or_else(|| panic!("no 2 s EXT-X-GAP segment:\n{pl}"));
+    assert_eq!(pl.matches("#EXT-X-GAP").count(), 1, "{pl}");
+    assert_eq!(get(origin, &format!("/live/demo/src/{gap_uri}")).0, 404);
+    assert!(!pl.contains("#EXT-X-DISCONTINUITY"));
+    // Each segment's first tfdt is the first one's plus the EXTINF durations before it.
+    let segs = complete_segments(&pl);
+    let mut first_start = None;
+    let mut elapsed = 0.0;
+    for (d, uri) in &segs {
+        if uri != gap_uri {
+            let (s, _, seg) = get(origin, &format!("/live/demo/src/{uri}"));
+            assert_eq!(s, 200);
+            let start = video_duration(&seg).1 as f64 / 90_000.0;
+            let expected = *first_start.get_or_insert(start) + elapsed;
+            assert!(
+                (start - expected).abs() < 0.002,
+                "{uri} starts at {start}, not {expected}"
+            );
+        }
+        elapsed += d;
+    }
+    let pdts = pdt_ms(&pl);
+    for (i, (d, _)) in segs.iter().enumerate().take(pdts.len() - 1) {
+        assert_eq!(
+            pdts[i + 1] - pdts[i],
+            (d * 1000.0).round() as i64,
+            "PDT step {i}"
+        );
+    }
+}
+
+/// §3 / item 3 of the issue: the same stream published again continues its playlist: media
+/// sequence numbers go on, EXT-X-DISCONTINUITY and a new EXT-X-MAP mark the change, and the
+/// earlier init segment stays available for the segments that name it.
+#[test]
+fn publishing_again_continues_after_a_discontinuity() {
+    let Live {
+        env: _env,
+        core: _core,
+        origin,
+        mut ff,
+        _edge,
+    } = live("", 5, "320x240");
+    master(origin);
+    assert!(wait_child(&mut ff, Duration::from_secs(30)));
+    let ended = wait_for("EXT-X-ENDLIST", Duration::from_secs(10), || {
+        let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+        pl.contains("#EXT-X-ENDLIST").then_some(pl)
+    });
+    let first_map = ended
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-MAP:URI=\""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    let url = format!("rtmp://{}/live/demo-key", _edge.addr("rtmp"));
+    let mut again = ffmpeg_publish(&url, 6, "320x240", None);
+    let pl = wait_for("the stream live again", Duration::from_secs(15), || {
+        let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+        (!pl.contains("#EXT-X-ENDLIST")
+            && complete_segments(&pl).len() > complete_segments(&ended).len())
+        .then_some(pl)
+    });
+    assert!(pl.contains("#EXT-X-PRELOAD-HINT"));
+    assert_eq!(
+        attr(&pl, "#EXT-X-MEDIA-SEQUENCE:"),
+        attr(&ended, "#EXT-X-MEDIA-SEQUENCE:"),
+        "numbering continues"
+    );
+    assert_eq!(pl.matches("#EXT-X-DISCONTINUITY\n").count(), 1, "{pl}");
+    let after = pl.split("#EXT-X-DISCONTINUITY\n").nth(1).unwrap();
+    let second_map = after
+        .strip_prefix("#EXT-X-MAP:URI=\"")
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no EXT-X-MAP right after the discontinuity:\n{pl}"));
+    assert_ne!(second_map, first_map);
+    for map in [first_map.as_str(), second_map] {
+        assert_eq!(
+            get(origin, &format!("/live/demo/src/{map}")).0,
+            200,
+            "{map}"
+        );
+    }
+    // Every segment of both publishes is listed and served in order.
+    let segs = complete_segments(&pl);
+    let msns: Vec<u64> = segs
+        .iter()
+        .map(|(_, u)| {
+            u.trim_start_matches('s')
+                .trim_end_matches(".m4s")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(msns.windows(2).all(|w| w[1] == w[0] + 1), "{msns:?}");
+    for (_, uri) in &segs {
+        assert_eq!(get(origin, &format!("/live/demo/src/{uri}")).0, 200);
+    }
+    assert!(wait_child(&mut again, Duration::from_secs(30)));
 }
 
 /// A raw publisher sends 12 s of media at once and then stalls (connection open): the playlist
@@ -346,77 +550,28 @@ fn request_rules_on_a_stalled_then_ended_stream() {
     // §4.4.3.8 / §4.4.3.7 tags.
     assert!(pl.contains("#EXT-X-TARGETDURATION:1\n"));
     assert!(pl.contains("CAN-BLOCK-RELOAD=YES"));
-    let pt: f64 = pl
-        .split("PART-TARGET=")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let phb: f64 = pl
-        .split("PART-HOLD-BACK=")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pt = attr(&pl, "PART-TARGET=");
+    let phb = attr(&pl, "PART-HOLD-BACK=");
     assert!(
         phb >= 3.0 * pt - 1e-9,
         "PART-HOLD-BACK {phb} vs PART-TARGET {pt}"
     );
-    let hb: f64 = pl
-        .split(",HOLD-BACK=")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let hb = attr(&pl, ",HOLD-BACK=");
     assert!(hb >= 3.0);
-    let csu: f64 = pl
-        .split("CAN-SKIP-UNTIL=")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let csu = attr(&pl, "CAN-SKIP-UNTIL=");
     assert!(csu >= 6.0);
     for (d, _, _) in parts(&pl) {
         assert!(d <= pt + 1e-9, "part {d} over PART-TARGET {pt}");
     }
     let last_msn = complete_segments(&pl).len() as u64; // index of the in-progress one, relative
-    let first_msn: u64 = pl
-        .split("#EXT-X-MEDIA-SEQUENCE:")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let first_msn = attr(&pl, "#EXT-X-MEDIA-SEQUENCE:") as u64;
     let current = first_msn + last_msn; // the segment in progress
     let (hm, hp) = hint(&pl);
     assert_eq!(hm, current);
-    let _ = hm;
 
     // §6.2.5.1 delta update.
     let (_, delta) = text(origin, "/live/demo/src/index.m3u8?_HLS_skip=YES");
-    let skipped: usize = delta
-        .split("#EXT-X-SKIP:SKIPPED-SEGMENTS=")
-        .nth(1)
-        .expect("EXT-X-SKIP")
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let skipped = attr(&delta, "#EXT-X-SKIP:SKIPPED-SEGMENTS=") as usize;
     assert!(skipped >= 1);
     assert_eq!(
         complete_segments(&delta).len() + skipped,

@@ -403,17 +403,11 @@ pub fn wait_child(c: &mut Child, timeout: Duration) -> bool {
     st.success()
 }
 
-/// Packets of a media file: (codec_type, pts in ms, keyframe).
-pub fn packets(file: &Path) -> Vec<(String, i64, bool)> {
+/// ffprobe's CSV output for `entries` (e.g. `packet=codec_type,pts`); fails the test if ffprobe
+/// cannot read the file.
+pub fn ffprobe(file: &Path, entries: &str) -> String {
     let out = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-show_entries",
-            "packet=codec_type,pts,flags",
-            "-of",
-            "csv=p=0",
-        ])
+        .args(["-v", "error", "-show_entries", entries, "-of", "csv=p=0"])
         .arg(file)
         .output()
         .unwrap();
@@ -424,8 +418,12 @@ pub fn packets(file: &Path) -> Vec<(String, i64, bool)> {
         std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout)
-        .unwrap()
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Packets of a media file: (codec_type, pts in ms, keyframe).
+pub fn packets(file: &Path) -> Vec<(String, i64, bool)> {
+    ffprobe(file, "packet=codec_type,pts,flags")
         .lines()
         .filter(|l| !l.is_empty())
         .map(|l| {
@@ -441,23 +439,7 @@ pub fn packets(file: &Path) -> Vec<(String, i64, bool)> {
 
 /// Container duration in seconds.
 pub fn duration(file: &Path) -> f64 {
-    let out = Command::new("ffprobe")
-        .args([
-            "-v",
-            "error",
-            "-show_entries",
-            "format=duration",
-            "-of",
-            "csv=p=0",
-        ])
-        .arg(file)
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    ffprobe(file, "format=duration").trim().parse().unwrap()
 }
 
 /// The finished recordings (`*.flv`) in a core's record directory.
