@@ -8,6 +8,7 @@ APT_PACKAGES=(
   libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev
   libswscale-dev libswresample-dev   # FFmpeg libraries for ffmpeg-next (transcoding)
   clang libclang-dev pkg-config      # bindgen for ffmpeg-sys
+  cmake                              # zlib-ng, built by pingora's compression dependency
   build-essential ca-certificates curl
 )
 

@@ -38,6 +38,9 @@ pub struct EdgeConfig {
     pub auth: AuthConfig,
     /// The QUIC relay to the cores.
     pub relay: EdgeRelayConfig,
+    /// Playback for viewers: the caching proxy in front of the cores' origins. Optional, so an
+    /// ingest-only edge needs no HTTP port.
+    pub playback: Option<PlaybackConfig>,
 }
 
 /// Configuration of a core process (`livepop core --config FILE`).
@@ -241,6 +244,61 @@ pub struct CoreEndpoint {
     /// Name the core's certificate must carry.
     #[serde(default = "default_server_name")]
     pub server_name: String,
+    /// TCP address of the core's LL-HLS origin (HTTP), where the edge's cache fetches playback
+    /// objects. Needed when the edge has a [playback] section.
+    pub origin: Option<String>,
+}
+
+/// The edge's playback cache (Pingora): viewers fetch playlists, parts and segments here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaybackConfig {
+    /// Plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge), e.g. "127.0.0.1:8080".
+    pub listen: String,
+    /// HTTPS with HTTP/2 and HTTP/1.1 by ALPN, e.g. "127.0.0.1:8443"; needs `cert` and `key`.
+    pub tls_listen: Option<String>,
+    /// PEM certificate chain presented to viewers.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub key: Option<PathBuf>,
+    /// Bytes of cached objects kept in memory; least recently used objects go first.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+    /// Longest a request waits for the origin's response to begin (ms). Must exceed the
+    /// origin's longest blocking hold (3 × target duration); coalesced waiters wait as long.
+    #[serde(default = "default_upstream_timeout")]
+    pub upstream_timeout_ms: u64,
+    /// Viewer connections at once (HTTP and HTTPS together); more are closed at once.
+    #[serde(default = "default_max_viewer_connections")]
+    pub max_connections: usize,
+    /// A request's headers (and the TLS handshake) must arrive within this time (ms).
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_ms: u64,
+    /// An idle kept-alive viewer connection is closed after this time (ms).
+    #[serde(default = "default_viewer_idle")]
+    pub idle_timeout_ms: u64,
+    /// A viewer that accepts no response bytes for this long is disconnected (ms).
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
+}
+
+fn default_cache_bytes() -> u64 {
+    512 * 1024 * 1024
+}
+fn default_upstream_timeout() -> u64 {
+    10_000
+}
+fn default_max_viewer_connections() -> usize {
+    20_000
+}
+fn default_header_timeout() -> u64 {
+    10_000
+}
+fn default_viewer_idle() -> u64 {
+    60_000
+}
+fn default_write_timeout() -> u64 {
+    10_000
 }
 
 fn default_server_name() -> String {
@@ -287,6 +345,10 @@ pub struct OriginConfig {
     /// Complete segments listed in live playlists (the live window).
     #[serde(default = "default_window")]
     pub window_segments: usize,
+    /// Log every request (method, path and query, status) at info level. For debugging and
+    /// tests; a busy origin logs a lot.
+    #[serde(default)]
+    pub access_log: bool,
 }
 
 fn default_part_ms() -> u32 {
@@ -427,6 +489,52 @@ impl EdgeConfig {
             check_addr(file, "rtmps.listen", &t.listen)?;
             check_file(file, "rtmps.cert", &base, &mut t.cert)?;
             check_file(file, "rtmps.key", &base, &mut t.key)?;
+        }
+        if let Some(p) = &mut self.playback {
+            check_addr(file, "playback.listen", &p.listen)?;
+            if let Some(l) = &p.tls_listen {
+                check_addr(file, "playback.tls_listen", l)?;
+                let (Some(cert), Some(key)) = (&mut p.cert, &mut p.key) else {
+                    return Err(err(
+                        file,
+                        "playback.tls_listen",
+                        "HTTPS needs playback.cert and playback.key",
+                    ));
+                };
+                check_file(file, "playback.cert", &base, cert)?;
+                check_file(file, "playback.key", &base, key)?;
+            }
+            if p.cache_bytes < 1024 * 1024 {
+                return Err(err(
+                    file,
+                    "playback.cache_bytes",
+                    "must be at least 1048576",
+                ));
+            }
+            if p.upstream_timeout_ms < 1000 {
+                return Err(err(
+                    file,
+                    "playback.upstream_timeout_ms",
+                    "must be at least 1000, and longer than the origin's longest hold (3 x target duration)",
+                ));
+            }
+            if p.max_connections == 0 {
+                return Err(err(file, "playback.max_connections", "must be at least 1"));
+            }
+            for (i, c) in self.relay.cores.iter().enumerate() {
+                match &c.origin {
+                    Some(o) => {
+                        check_addr(file, &format!("relay.cores[{i}].origin"), o)?;
+                    }
+                    None => {
+                        return Err(err(
+                            file,
+                            &format!("relay.cores[{i}].origin"),
+                            "playback needs each core's origin address (e.g. \"127.0.0.1:8090\")",
+                        ))
+                    }
+                }
+            }
         }
         if self.auth.streams.is_empty() && self.auth.webhook.is_none() {
             return Err(err(

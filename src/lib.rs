@@ -7,6 +7,7 @@ pub mod admin;
 pub mod certs;
 pub mod cmaf;
 pub mod config;
+pub mod edge;
 pub mod fleet;
 pub mod hls;
 pub mod ingest;

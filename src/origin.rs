@@ -339,7 +339,14 @@ impl Origin {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let me = me.clone();
-                    async move { Ok::<_, Infallible>(me.handle(req).await) }
+                    async move {
+                        let uri = me.cfg.access_log.then(|| req.uri().to_string());
+                        let resp = me.handle(req).await;
+                        if let Some(uri) = uri {
+                            info!(uri, status = resp.status().as_u16(), "origin request");
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let io = hyper_util::rt::TokioIo::new(sock);
                 let mut b = hyper_util::server::conn::auto::Builder::new(

@@ -66,6 +66,21 @@ pub async fn start_edge(cfg: EdgeConfig, shutdown: Shutdown) -> Result<Running> 
         ));
     }
 
+    if let Some(p) = &cfg.playback {
+        let r = relay.clone();
+        let health: crate::edge::proxy::Health = Arc::new(move || r.up_cores());
+        let bound = crate::edge::start(
+            p,
+            &cfg.relay,
+            health,
+            metrics.clone(),
+            &mut tasks,
+            shutdown.clone(),
+        )
+        .await?;
+        addrs.extend(bound);
+    }
+
     let admin = bind("admin.listen", &cfg.admin.listen).await?;
     addrs.push(("admin", admin.local_addr()?));
     let r2 = relay.clone();

@@ -74,6 +74,16 @@ pub struct EdgeMetrics {
     pub relay_core_up: IntGaugeVec,
     /// Connection attempts to cores that failed.
     pub relay_connect_failures: IntCounterVec,
+    /// Playback requests by object kind and how the cache answered them.
+    pub http_requests: IntCounterVec,
+    /// Requests sent to a core's origin, by object kind and response status.
+    pub http_upstream_requests: IntCounterVec,
+    /// Body bytes received from cores' origins, by object kind.
+    pub http_upstream_bytes: IntCounterVec,
+    /// Time from a blocking request's arrival to its response starting, by object kind.
+    pub http_hold: HistogramVec,
+    /// Viewer connections refused at the connection limit.
+    pub http_refused: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -129,6 +139,42 @@ impl EdgeMetrics {
                 "livepop_relay_connect_failures_total",
                 "Failed connection attempts to a core",
                 &["core"],
+            ),
+            http_requests: counter_vec(
+                &r,
+                "livepop_edge_requests_total",
+                "Playback requests by object kind and cache outcome (hit, miss, coalesced, uncached, refused)",
+                &["kind", "cache"],
+            ),
+            http_upstream_requests: counter_vec(
+                &r,
+                "livepop_edge_upstream_requests_total",
+                "Requests sent to a core's origin, by object kind and status",
+                &["kind", "status"],
+            ),
+            http_upstream_bytes: counter_vec(
+                &r,
+                "livepop_edge_upstream_bytes_total",
+                "Body bytes received from cores' origins",
+                &["kind"],
+            ),
+            http_hold: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "livepop_edge_hold_seconds",
+                        "Time from a blocking request's arrival to its response starting",
+                    )
+                    .buckets(DELAY_BUCKETS.to_vec()),
+                    &["kind"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            http_refused: counter(
+                &r,
+                "livepop_edge_connections_refused_total",
+                "Viewer connections refused at the connection limit",
             ),
             registry: r,
         }

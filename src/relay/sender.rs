@@ -122,6 +122,15 @@ impl EdgeRelay {
         self.links.iter().any(|l| l.state.borrow().is_some())
     }
 
+    /// Ids of the cores whose QUIC connection is up (the healthy set for placement).
+    pub fn up_cores(&self) -> Vec<String> {
+        self.links
+            .iter()
+            .filter(|l| l.state.borrow().is_some())
+            .map(|l| l.id.clone())
+            .collect()
+    }
+
     /// Runs the links and the placement loop until shutdown.
     pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         let mut tasks = JoinSet::new();

@@ -268,6 +268,10 @@ client_ca = "certs/ca.pem"
 
 pub struct EdgeOpts {
     pub cores: Vec<(String, SocketAddr)>,
+    /// Origin (HTTP) address per core, same order; non-empty enables [playback] on port 0.
+    pub origins: Vec<SocketAddr>,
+    /// Extra keys for [playback].
+    pub extra_playback: String,
     pub stall_ms: u64,
     pub relay_cert: String,
     pub extra_rtmp: String,
@@ -278,6 +282,8 @@ impl EdgeOpts {
     pub fn new(cores: Vec<(String, SocketAddr)>) -> Self {
         EdgeOpts {
             cores,
+            origins: vec![],
+            extra_playback: String::new(),
             stall_ms: 10_000,
             relay_cert: "certs/edge".into(),
             extra_rtmp: String::new(),
@@ -288,9 +294,20 @@ impl EdgeOpts {
 
 pub fn edge_config(env: &Env, o: &EdgeOpts) -> PathBuf {
     let mut cores = String::new();
-    for (id, a) in &o.cores {
+    for (i, (id, a)) in o.cores.iter().enumerate() {
         cores += &format!("[[relay.cores]]\nid = \"{id}\"\naddr = \"{a}\"\n");
+        if let Some(origin) = o.origins.get(i) {
+            cores += &format!("origin = \"{origin}\"\n");
+        }
     }
+    let playback = if o.origins.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "[playback]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\n{}\n",
+            o.extra_playback
+        )
+    };
     env.write(
         "edge.toml",
         &format!(
@@ -313,7 +330,7 @@ key = "demo-key"
 name = "other"
 key = "other-key"
 {auth}
-[relay]
+{playback}[relay]
 cert = "{rc}.pem"
 key = "{rc}.key"
 ca = "certs/ca.pem"
@@ -334,10 +351,21 @@ pub fn start_core(env: &Env, name: &str, listen: &str) -> Proc {
 
 /// Writes a core config with an LL-HLS origin on port 0 (`origin_extra` goes into [origin]).
 pub fn core_config_with_origin(env: &Env, name: &str, origin_extra: &str) -> PathBuf {
-    let base = std::fs::read_to_string(core_config(env, name, "127.0.0.1:0", false)).unwrap();
+    core_config_with_origin_at(env, name, "127.0.0.1:0", "127.0.0.1:0", origin_extra)
+}
+
+/// A core config with the relay and the origin on the given addresses.
+pub fn core_config_with_origin_at(
+    env: &Env,
+    name: &str,
+    relay: &str,
+    origin: &str,
+    origin_extra: &str,
+) -> PathBuf {
+    let base = std::fs::read_to_string(core_config(env, name, relay, false)).unwrap();
     env.write(
         &format!("{name}-origin.toml"),
-        &format!("{base}[origin]\nlisten = \"127.0.0.1:0\"\n{origin_extra}\n"),
+        &format!("{base}[origin]\nlisten = \"{origin}\"\n{origin_extra}\n"),
     )
 }
 

@@ -1,0 +1,373 @@
+//! The edge's playback cache (issue 4), end to end with real processes: ffmpeg → edge (RTMP) →
+//! QUIC → core (LL-HLS origin) → edge cache (Pingora) → HTTP clients. Origin requests are counted
+//! on the core side from its access log.
+
+mod common;
+use common::*;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Rig {
+    env: Env,
+    core: Proc,
+    edge: Proc,
+    http: SocketAddr,
+    ff: std::process::Child,
+}
+
+/// A core with an origin (access log on), an edge with playback, ffmpeg publishing `demo`.
+fn rig(secs: u32, playback_extra: &str) -> Rig {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "access_log = true");
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.origins = vec![core.addr("origin")];
+    opts.extra_playback = playback_extra.into();
+    let edge = start_edge(&env, &opts);
+    let http = edge.addr("http");
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let ff = ffmpeg_publish(&url, secs, "320x240", None);
+    wait_for(
+        "the stream through the edge",
+        Duration::from_secs(20),
+        || (http_get(http, "/live/demo/master.m3u8").map(|r| r.0) == Some(200)).then_some(()),
+    );
+    Rig {
+        env,
+        core,
+        edge,
+        http,
+        ff,
+    }
+}
+
+fn text(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (s, _, b) = http_get_full(addr, path).unwrap_or_else(|| panic!("GET {path} failed"));
+    (s, String::from_utf8_lossy(&b).to_string())
+}
+
+fn hint(pl: &str) -> (u64, u64) {
+    let uri = pl
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))
+        .unwrap_or_else(|| panic!("no preload hint in\n{pl}"))
+        .trim_end_matches('"');
+    let (m, p) = uri
+        .trim_start_matches('s')
+        .trim_end_matches(".m4s")
+        .split_once('.')
+        .unwrap();
+    (m.parse().unwrap(), p.parse().unwrap())
+}
+
+/// Requests the core's origin logged for exactly `uri`.
+fn origin_requests(core: &Proc, uri: &str) -> usize {
+    core.logs()
+        .iter()
+        .filter(|v| message_is(v, "origin request") && v["fields"]["uri"] == uri)
+        .count()
+}
+
+struct Answer {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+/// Sends every request at once (one connection each) and returns the answers, and the wall
+/// time (Unix µs) by which all of them had been written.
+fn fan_out(addr: SocketAddr, paths: Vec<String>) -> (Vec<Answer>, u64) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sent = Arc::new(AtomicUsize::new(0));
+        let n = paths.len();
+        let mut tasks = vec![];
+        for p in paths {
+            let sent = sent.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                s.write_all(format!("GET {p} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                sent.fetch_add(1, Ordering::SeqCst);
+                let mut resp = vec![];
+                s.read_to_end(&mut resp).await.unwrap();
+                let split = resp
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .expect("a response");
+                let head = String::from_utf8_lossy(&resp[..split]).to_lowercase();
+                let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+                Answer {
+                    status,
+                    head,
+                    body: resp[split + 4..].to_vec(),
+                }
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sent.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "requests not sent in time");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let all_sent = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        let mut out = vec![];
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        (out, all_sent)
+    })
+}
+
+fn assert_identical(answers: &[Answer], what: &str) {
+    assert!(answers.iter().all(|a| a.status == 200), "{what}: statuses");
+    let first = &answers[0].body;
+    assert!(!first.is_empty(), "{what}: empty body");
+    assert!(
+        answers.iter().all(|a| &a.body == first),
+        "{what}: bodies differ"
+    );
+}
+
+/// Appendix B.1 / LLHLS.md caching: 1,000 viewers asking at once for a part that does not
+/// exist yet (blocking reload), a preload-hinted part, and a finished segment each cause exactly
+/// one origin request, and all get identical bytes; other query parameters share the fetch.
+#[test]
+fn one_origin_request_per_object_for_1000_viewers() {
+    let Rig {
+        env: _env,
+        core,
+        edge,
+        http,
+        mut ff,
+    } = rig(25, "");
+    // Wait (blocking reload) for the start of the next segment, so the part awaited below is
+    // about two seconds away.
+    let (_, pl) = text(http, "/live/demo/src/index.m3u8");
+    let (m0, _) = hint(&pl);
+    let (s, pl) = text(
+        http,
+        &format!("/live/demo/src/index.m3u8?_HLS_msn={}&_HLS_part=0", m0 + 1),
+    );
+    assert_eq!(s, 200);
+    let (m, _) = hint(&pl);
+    // A blocking playlist reload for part 2 of the next segment.
+    let canonical = format!("/live/demo/src/index.m3u8?_HLS_msn={}&_HLS_part=2", m + 1);
+    let paths = (0..1000)
+        .map(|i| {
+            format!(
+                "/live/demo/src/index.m3u8?_HLS_part=2&token={i}&_HLS_msn={}",
+                m + 1
+            )
+        })
+        .collect();
+    let (answers, all_sent) = fan_out(http, paths);
+    assert_identical(&answers, "blocking reload");
+    // Every request was waiting before the core completed the part.
+    let changed: u64 = answers[0]
+        .head
+        .lines()
+        .find_map(|l| l.strip_prefix("livepop-changed-us: "))
+        .expect("livepop-changed-us")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        all_sent < changed,
+        "the part existed before all requests were in; the test proves nothing"
+    );
+    assert_eq!(origin_requests(&core, &canonical), 1, "blocking reload");
+    let body = String::from_utf8(answers[0].body.clone()).unwrap();
+    assert!(body.contains(&format!("URI=\"s{}.2.m4s\"", m + 1)));
+
+    // The preload-hinted part of that playlist, requested by 1,000 viewers.
+    let (hm, hp) = hint(&body);
+    let part = format!("/live/demo/src/s{hm}.{hp}.m4s");
+    let paths = (0..1000).map(|i| format!("{part}?cb={i}")).collect();
+    let (answers, _) = fan_out(http, paths);
+    assert_identical(&answers, "hinted part");
+    assert_eq!(origin_requests(&core, &part), 1, "hinted part");
+    assert!(answers
+        .iter()
+        .any(|a| a.head.contains("livepop-cache: coalesced")
+            || a.head.contains("livepop-cache: hit")));
+
+    // A finished segment nobody fetched through this edge yet.
+    let seg = format!("/live/demo/src/s{m}.m4s");
+    wait_for("segment complete", Duration::from_secs(10), || {
+        text(http, "/live/demo/src/index.m3u8")
+            .1
+            .contains(&format!("\ns{m}.m4s\n"))
+            .then_some(())
+    });
+    let (answers, _) = fan_out(http, vec![seg.clone(); 1000]);
+    assert_identical(&answers, "segment");
+    assert_eq!(origin_requests(&core, &seg), 1, "segment");
+    assert!(answers.iter().filter(|a| a.head.contains("age: ")).count() >= 999);
+
+    // The edge counted what it did.
+    let admin = edge.addr("admin");
+    let upstream_parts = metric(
+        admin,
+        "livepop_edge_upstream_requests_total{kind=\"part\",status=\"200\"}",
+    );
+    assert_eq!(upstream_parts, 1.0);
+    let served: f64 = ["hit", "coalesced", "miss"]
+        .iter()
+        .map(|c| {
+            metric(
+                admin,
+                &format!("livepop_edge_requests_total{{cache=\"{c}\",kind=\"part\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(served, 1000.0);
+    assert!(metric(admin, "livepop_edge_hold_seconds_count{kind=\"part\"}") >= 1000.0);
+    let _ = ff.kill();
+}
+
+/// HTTPS with HTTP/2 by ALPN for browsers and Apple players; ffmpeg (HTTP/1.1 over TLS,
+/// verifying the dev CA) decodes 10 s through the edge.
+#[test]
+fn https_playback_through_the_edge() {
+    let Rig {
+        env,
+        core: _core,
+        edge,
+        http,
+        mut ff,
+    } = rig(30, "");
+    let https = edge.addr("https");
+    let ca = env.certs().join("ca.pem");
+    let url = format!("https://localhost:{}/live/demo/master.m3u8", https.port());
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--http2", "--cacert"])
+        .arg(&ca)
+        .args(["-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+        .arg(&url)
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
+    // A plain HLS player starts 3 segments from the end: wait until they exist.
+    wait_for("3 segments", Duration::from_secs(20), || {
+        (text(http, "/live/demo/src/index.m3u8")
+            .1
+            .matches("#EXTINF")
+            .count()
+            >= 3)
+            .then_some(())
+    });
+    let player = std::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-v",
+            "error",
+            "-nostdin",
+            "-tls_verify",
+            "1",
+            "-ca_file",
+        ])
+        .arg(&ca)
+        .arg("-i")
+        .arg(&url)
+        .args(["-t", "10", "-f", "null", "-"])
+        .output()
+        .unwrap();
+    let errors = String::from_utf8_lossy(&player.stderr);
+    assert!(player.status.success(), "player failed: {errors}");
+    assert!(errors.trim().is_empty(), "player reported: {errors}");
+    let _ = ff.kill();
+}
+
+/// The core dies: what the edge cached is still served, live playlists fail fast with 503;
+/// the core comes back on the same addresses and playback resumes through the same edge.
+#[test]
+fn core_outage_serves_cached_media_and_recovers() {
+    let Rig {
+        env,
+        mut core,
+        edge: _edge,
+        http,
+        mut ff,
+    } = rig(60, "");
+    let relay = core.addr("relay");
+    let origin = core.addr("origin");
+    let pl = wait_for("2 segments", Duration::from_secs(20), || {
+        let pl = text(http, "/live/demo/src/index.m3u8").1;
+        (pl.matches("#EXTINF").count() >= 2).then_some(pl)
+    });
+    let lines: Vec<&str> = pl.lines().collect();
+    let seg = lines[lines.iter().position(|l| l.starts_with("#EXTINF")).unwrap() + 1].to_string();
+    let (s, before) = {
+        let (s, _, b) = http_get_full(http, &format!("/live/demo/src/{seg}")).unwrap();
+        (s, b)
+    };
+    assert_eq!(s, 200);
+
+    // A viewer blocked on a part the core will never make.
+    let (_, pl) = text(http, "/live/demo/src/index.m3u8");
+    let (m, _) = hint(&pl);
+    let blocked = std::thread::spawn(move || {
+        let r = http_get_full(
+            http,
+            &format!("/live/demo/src/index.m3u8?_HLS_msn={}", m + 1),
+        );
+        (r.map(|x| x.0), Instant::now())
+    });
+    let killed = {
+        core.kill();
+        Instant::now()
+    };
+    // Cached media is still served.
+    let (s, _, after) = http_get_full(http, &format!("/live/demo/src/{seg}")).unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(after, before);
+    // The blocked viewer is told at once; live playlists fail fast (503), at the latest when
+    // their cached copy (max-age 1 s) runs out: never a stale playlist.
+    let (status, when) = blocked.join().unwrap();
+    assert_eq!(status, Some(503));
+    assert!(
+        when - killed < Duration::from_secs(1),
+        "blocked viewer answered after {:?}",
+        when - killed
+    );
+    wait_for("a 503 for the playlist", Duration::from_secs(3), || {
+        let t = Instant::now();
+        let (s, _) = text(http, "/live/demo/src/index.m3u8");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "answer took {:?}",
+            t.elapsed()
+        );
+        (s == 503).then_some(())
+    });
+    assert!(killed.elapsed() < Duration::from_secs(3));
+
+    // The core returns on the same addresses; the publisher is still connected to the edge.
+    let cfg = core_config_with_origin_at(
+        &env,
+        "core-1",
+        &relay.to_string(),
+        &origin.to_string(),
+        "access_log = true",
+    );
+    let _back = Proc::start("core-1b", &["core", "--config", cfg.to_str().unwrap()]);
+    wait_for(
+        "playback through the same edge",
+        Duration::from_secs(20),
+        || {
+            let (s, pl) = text(http, "/live/demo/src/index.m3u8");
+            (s == 200 && pl.contains("#EXT-X-PRELOAD-HINT")).then_some(())
+        },
+    );
+    let _ = ff.kill();
+}
