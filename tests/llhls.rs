@@ -329,11 +329,20 @@ fn blocking_reload_and_preload_hint_are_answered_when_the_part_exists() {
     assert!(body.contains(&format!("URI=\"s{next}.0.m4s\"")), "{body}");
 
     // §6.2.1: parts are added as the media arrives, one about every PART-TARGET: follow 25
-    // parts with blocking reloads and read when the core published each one.
+    // parts with blocking reloads and read when the core published each one. §6.2.5.2: a
+    // request blocked on the next part is answered within 50 ms of the part's completion.
     let pt = attr(&body, "PART-TARGET=");
     let mut at = hint(&body);
     let mut stamps = vec![];
+    let mut wakes = vec![];
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
     for _ in 0..25 {
+        let sent = now_us();
         let (s, head, body) = get(
             origin,
             &format!(
@@ -349,9 +358,22 @@ fn blocking_reload_and_preload_hint_are_answered_when_the_part_exists() {
             .trim()
             .parse()
             .unwrap();
+        let arrived = now_us();
         stamps.push(changed);
+        if sent < changed {
+            wakes.push(arrived.saturating_sub(changed) as f64 / 1e3);
+        }
         at = hint(&String::from_utf8(body).unwrap());
     }
+    assert!(
+        wakes.len() >= 20,
+        "only {} of 25 requests were held",
+        wakes.len()
+    );
+    assert!(
+        wakes.iter().all(|ms| *ms <= 50.0),
+        "answered {wakes:?} ms after the part completed"
+    );
     let gaps: Vec<f64> = stamps
         .windows(2)
         .map(|w| w[1].saturating_sub(w[0]) as f64 / 1e6)
