@@ -151,6 +151,12 @@ impl Proc {
         v["fields"]["addr"].as_str().unwrap().parse().unwrap()
     }
 
+    /// The process id.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

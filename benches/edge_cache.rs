@@ -1,0 +1,536 @@
+//! Edge cache benchmark (issue 4): livepop's edge against nginx (proxy_cache + proxy_cache_lock)
+//! and Varnish, each a cache in front of the same core origin, in one run, driven by the same
+//! client code at the same concurrency.
+//!
+//! 1. Cached-hit throughput: `--conns` keep-alive HTTP/1.1 connections fetch one cached object
+//!    as fast as they can for `--secs` seconds: a part (~20 KB) and a media playlist (~1.5 KB).
+//! 2. Coalesced fan-out: N clients (each `--fanout` value) are blocked on the next part with
+//!    `_HLS_msn`/`_HLS_part` through the cache; for each of `--parts` parts, the time from the
+//!    part's completion at the core (`livepop-changed-us`, passed through by every cache) to the
+//!    last of the N responses.
+//!
+//! Run: `bash bench/edge.sh` (installs nginx and Varnish).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::Proc;
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// One HTTP/1.1 GET on a kept-alive connection: (status, livepop-changed-us, body length).
+/// Handles Content-Length and chunked bodies (nginx and Varnish may stream with either).
+async fn get(s: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> std::io::Result<(u16, u64, usize)> {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes())
+        .await?;
+    buf.clear();
+    let mut tmp = vec![0u8; 65536];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut tmp).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let header = |name: &str| -> Option<String> {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    let changed = header("livepop-changed-us:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if let Some(len) = header("content-length:").and_then(|v| v.parse::<usize>().ok()) {
+        while buf.len() < head_end + len {
+            let n = s.read(&mut tmp).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        }
+        buf.drain(..head_end + len);
+        return Ok((status, changed, len));
+    }
+    // Chunked: read until the terminating chunk.
+    let mut body = 0;
+    let mut pos = head_end;
+    loop {
+        let line_end = loop {
+            if let Some(i) = buf[pos..].windows(2).position(|w| w == b"\r\n") {
+                break pos + i;
+            }
+            let n = s.read(&mut tmp).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        };
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&buf[pos..line_end])
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
+            16,
+        )
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+        let need = line_end + 2 + size + 2;
+        while buf.len() < need {
+            let n = s.read(&mut tmp).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        }
+        body += size;
+        pos = need;
+        if size == 0 {
+            buf.drain(..pos);
+            return Ok((status, changed, body));
+        }
+    }
+}
+
+fn hint(pl: &str) -> Option<(u64, u64)> {
+    let uri = pl
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))?;
+    let stem = uri
+        .trim_end_matches('"')
+        .trim_start_matches('s')
+        .trim_end_matches(".m4s");
+    let (m, p) = stem.split_once('.')?;
+    Some((m.parse().ok()?, p.parse().ok()?))
+}
+
+fn pct(v: &[f64], q: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+async fn fetch_text(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut v = vec![];
+    s.read_to_end(&mut v).await.unwrap();
+    let t = String::from_utf8_lossy(&v).to_string();
+    t.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default()
+}
+
+struct Peer {
+    name: &'static str,
+    addr: SocketAddr,
+    /// Process id to sample CPU from (the master for multi-process servers: children summed).
+    pids: Box<dyn Fn() -> Vec<u32>>,
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    let tck = 100.0;
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .map(|s| {
+            let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            let u: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+            let k: f64 = f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
+            (u + k) / tck
+        })
+        .sum()
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut v = vec![pid];
+    if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        for c in s.split_whitespace().filter_map(|x| x.parse::<u32>().ok()) {
+            v.extend(children(c));
+        }
+    }
+    v
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_nginx(dir: &Path, origin: SocketAddr) -> (Child, SocketAddr) {
+    let port = free_port();
+    std::fs::create_dir_all(dir.join("nginx/cache")).unwrap();
+    let conf = format!(
+        r#"daemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile 65536;
+error_log {d}/nginx/error.log warn;
+pid {d}/nginx/nginx.pid;
+user root;
+events {{ worker_connections 30000; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/nginx/body;
+  proxy_temp_path {d}/nginx/proxy;
+  fastcgi_temp_path {d}/nginx/fastcgi;
+  uwsgi_temp_path {d}/nginx/uwsgi;
+  scgi_temp_path {d}/nginx/scgi;
+  keepalive_requests 1000000;
+  proxy_cache_path {d}/nginx/cache levels=1:2 keys_zone=hls:64m max_size=1g inactive=60s use_temp_path=off;
+  upstream origin {{ server {origin}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=16384;
+    location /live/ {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache hls;
+      proxy_cache_key "$uri?$arg__HLS_msn&$arg__HLS_part&$arg__HLS_skip";
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 10s;
+      proxy_cache_lock_age 10s;
+      proxy_read_timeout 10s;
+    }}
+  }}
+}}
+"#,
+        d = dir.display()
+    );
+    let path = dir.join("nginx/nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("nginx (install it, or run bench/edge.sh)");
+    (child, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+fn start_varnish(dir: &Path, origin: SocketAddr) -> (Child, SocketAddr) {
+    let port = free_port();
+    let vdir = dir.join("varnish");
+    std::fs::create_dir_all(&vdir).unwrap();
+    let vcl = vdir.join("edge.vcl");
+    // The URL with its query sorted is the key (the benchmark sends no other parameters).
+    std::fs::write(
+        &vcl,
+        format!(
+            r#"vcl 4.1;
+import std;
+backend origin {{ .host = "{}"; .port = "{}"; .first_byte_timeout = 10s; }}
+sub vcl_recv {{
+  set req.url = std.querysort(req.url);
+}}
+"#,
+            origin.ip(),
+            origin.port()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("varnishd")
+        .args(["-F", "-a", &format!("127.0.0.1:{port}"), "-f"])
+        .arg(&vcl)
+        .args(["-s", "malloc,512m", "-n"])
+        .arg(&vdir)
+        .args(["-p", "thread_pool_max=5000", "-p", "thread_pools=2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("varnishd (install varnish, or run bench/edge.sh)");
+    (child, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+/// `conns` connections fetch `path` in a loop for `secs`: requests per second.
+async fn throughput(addr: SocketAddr, path: &str, conns: usize, secs: u64) -> (f64, usize) {
+    let count = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = vec![];
+    let mut size = 0;
+    for _ in 0..conns {
+        let count = count.clone();
+        let errors = errors.clone();
+        let path = path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut buf = Vec::with_capacity(65536);
+            let mut size = 0;
+            while Instant::now() < stop {
+                match get(&mut s, &mut buf, &path).await {
+                    Ok((200, _, n)) => {
+                        size = n;
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        s = TcpStream::connect(addr).await.unwrap();
+                    }
+                }
+            }
+            size
+        }));
+    }
+    for t in tasks {
+        size = size.max(t.await.unwrap());
+    }
+    let e = errors.load(Ordering::Relaxed);
+    if e > 0 {
+        println!("    ({e} errors)");
+    }
+    (count.load(Ordering::Relaxed) as f64 / secs as f64, size)
+}
+
+/// Coalesced fan-out through `addr`: per part, ms from completion at the core to the last of
+/// `n` responses.
+async fn fanout(addr: SocketAddr, origin: SocketAddr, n: usize, rounds: usize) -> (Vec<f64>, usize) {
+    let (target_tx, target_rx) = watch::channel::<Option<(u64, u64)>>(None);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, u64)>();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = TcpStream::connect(addr).await.expect("connect");
+        c.set_nodelay(true).unwrap();
+        conns.push(c);
+        if i % 500 == 499 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let mut tasks = vec![];
+    for mut c in conns {
+        let mut rx = target_rx.clone();
+        let tx = done_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(8192);
+            loop {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+                let Some((m, p)) = *rx.borrow_and_update() else { return };
+                let path = format!("/live/demo/src/index.m3u8?_HLS_msn={m}&_HLS_part={p}");
+                match get(&mut c, &mut buf, &path).await {
+                    Ok((200, changed, _)) => {
+                        let _ = tx.send((changed, now_us()));
+                    }
+                    _ => {
+                        let _ = tx.send((0, 0));
+                        if let Ok(s) = TcpStream::connect(addr).await {
+                            c = s;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let mut last = vec![];
+    let mut errors = 0;
+    for round in 0..rounds + 2 {
+        // Ask for the part after the hinted one, so that every client is surely waiting.
+        let pl = fetch_text(origin, "/live/demo/src/index.m3u8").await;
+        let (m, p) = hint(&pl).expect("hint");
+        target_tx.send(Some((m, p + 1))).unwrap();
+        let mut completed = u64::MAX;
+        let mut latest = 0;
+        for _ in 0..n {
+            let (changed, at) = done_rx.recv().await.unwrap();
+            if at == 0 {
+                errors += 1;
+                continue;
+            }
+            completed = completed.min(changed);
+            latest = latest.max(at);
+        }
+        if round >= 2 && completed != u64::MAX && latest > 0 {
+            last.push(latest.saturating_sub(completed) as f64 / 1000.0);
+        }
+    }
+    target_tx.send(None).unwrap();
+    drop(target_tx);
+    for t in tasks {
+        t.abort();
+    }
+    (last, errors)
+}
+
+fn main() {
+    let conns: usize = arg("--conns", "64").parse().unwrap();
+    let secs: u64 = arg("--secs", "10").parse().unwrap();
+    let rounds: usize = arg("--parts", "20").parse().unwrap();
+    let fanouts: Vec<usize> = arg("--fanout", "1000,10000")
+        .split(',')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let with_peers = arg("--peers", "yes") == "yes";
+
+    let env = common::Env::new();
+    // A short window keeps the media playlist near 1.5 KB.
+    let core_cfg = common::core_config_with_origin(&env, "core-1", "window_segments = 3");
+    let core = Proc::start_quiet("core", &["core", "--config", core_cfg.to_str().unwrap()]);
+    let relay = core.addr("relay");
+    let origin = core.addr("origin");
+    let mut opts = common::EdgeOpts::new(vec![("core-1".into(), relay)]);
+    opts.origins = vec![origin];
+    let edge_cfg = common::edge_config(&env, &opts);
+    let edge = Proc::start_quiet("edge", &["edge", "--config", edge_cfg.to_str().unwrap()]);
+    let rtmp = edge.addr("rtmp");
+    let edge_http = edge.addr("http");
+    let total_secs = 30 + 3 * 2 * secs + (fanouts.len() as u64 * 3 * (rounds as u64 + 2)) / 2;
+    let mut ff = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine"])
+        .args(["-t", &total_secs.to_string(), "-map", "0:v", "-map", "1:a"])
+        .args(["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency"])
+        .args(["-b:v", "700k", "-g", "60", "-c:a", "aac", "-b:a", "64k"])
+        .args(["-f", "flv", &format!("rtmp://{rtmp}/live/demo-key")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ffmpeg");
+
+    let edge_pid = edge.pid();
+    let mut peers = vec![Peer {
+        name: "livepop edge",
+        addr: edge_http,
+        pids: Box::new(move || vec![edge_pid]),
+    }];
+    let mut children_procs = vec![];
+    if with_peers {
+        let (n, a) = start_nginx(env.path(), origin);
+        let pid = n.id();
+        children_procs.push(n);
+        peers.push(Peer {
+            name: "nginx",
+            addr: a,
+            pids: Box::new(move || children(pid)),
+        });
+        let (v, a) = start_varnish(env.path(), origin);
+        let pid = v.id();
+        children_procs.push(v);
+        peers.push(Peer {
+            name: "varnish",
+            addr: a,
+            pids: Box::new(move || children(pid)),
+        });
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        // Wait for the stream and the peers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for p in &peers {
+            loop {
+                if TcpStream::connect(p.addr).await.is_ok()
+                    && fetch_text(p.addr, "/live/demo/master.m3u8").await.contains("#EXTM3U")
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{} did not come up", p.name);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        // Let the window fill so the playlist has its steady size.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        println!(
+            "edge cache benchmark: {conns} connections x {secs} s per object; fan-out {fanouts:?} clients x {rounds} parts"
+        );
+        println!("cached-hit throughput (requests/s, HTTP/1.1 keep-alive, same client for every cache):");
+        let mut rows: Vec<(String, Vec<f64>)> = vec![];
+        for p in &peers {
+            let mut row = vec![];
+            // A part that exists now (the newest complete one), and the media playlist.
+            let pl = fetch_text(origin, "/live/demo/src/index.m3u8").await;
+            let (m, pi) = hint(&pl).expect("hint");
+            let part = if pi > 0 {
+                format!("/live/demo/src/s{m}.{}.m4s", pi - 1)
+            } else {
+                format!("/live/demo/src/s{}.0.m4s", m - 1)
+            };
+            for (what, path) in [("part", part.as_str()), ("playlist", "/live/demo/src/index.m3u8")] {
+                let pids = (p.pids)();
+                let cpu0 = cpu_of(&pids);
+                let (rps, size) = throughput(p.addr, path, conns, secs).await;
+                let cpu = cpu_of(&(p.pids)()) - cpu0;
+                println!(
+                    "  {:<13} {what:<8} ({size:>5} B): {rps:>9.0} req/s, {:.1} CPU s, {:.1} µs CPU/request",
+                    p.name,
+                    cpu,
+                    cpu * 1e6 / (rps * secs as f64)
+                );
+                row.push(rps);
+            }
+            rows.push((p.name.to_string(), row));
+        }
+        if rows.len() > 1 {
+            for (name, r) in &rows[1..] {
+                println!(
+                    "  livepop / {name}: part {:.2}x, playlist {:.2}x",
+                    rows[0].1[0] / r[0],
+                    rows[0].1[1] / r[1]
+                );
+            }
+        }
+        println!("coalesced fan-out: part completion at the core -> last of N responses through the cache (ms):");
+        for &n in &fanouts {
+            for p in &peers {
+                let (last, errors) = fanout(p.addr, origin, n, rounds).await;
+                println!(
+                    "  N={n:<6} {:<13} p50 {:>7.1}  p99 {:>7.1}  max {:>7.1}  ({} parts, {errors} errors)",
+                    p.name,
+                    pct(&last, 0.5),
+                    pct(&last, 0.99),
+                    pct(&last, 1.0),
+                    last.len()
+                );
+            }
+        }
+    });
+    let _ = ff.kill();
+    for mut c in children_procs {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    drop(core);
+    drop(edge);
+}
