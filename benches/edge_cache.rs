@@ -43,7 +43,11 @@ fn now_us() -> u64 {
 
 /// One HTTP/1.1 GET on a kept-alive connection: (status, livepop-changed-us, body length).
 /// Handles Content-Length and chunked bodies (nginx and Varnish may stream with either).
-async fn get(s: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> std::io::Result<(u16, u64, usize)> {
+async fn get(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    path: &str,
+) -> std::io::Result<(u16, u64, usize)> {
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes())
         .await?;
     buf.clear();
@@ -152,7 +156,9 @@ async fn fetch_text(addr: SocketAddr, path: &str) -> String {
     let mut v = vec![];
     s.read_to_end(&mut v).await.unwrap();
     let t = String::from_utf8_lossy(&v).to_string();
-    t.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default()
+    t.split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default()
 }
 
 struct Peer {
@@ -167,7 +173,12 @@ fn cpu_of(pids: &[u32]) -> f64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
         .map(|s| {
-            let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            let f: Vec<&str> = s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
             let u: f64 = f.get(11).and_then(|x| x.parse().ok()).unwrap_or(0.0);
             let k: f64 = f.get(12).and_then(|x| x.parse().ok()).unwrap_or(0.0);
             (u + k) / tck
@@ -322,7 +333,12 @@ async fn throughput(addr: SocketAddr, path: &str, conns: usize, secs: u64) -> (f
 
 /// Coalesced fan-out through `addr`: per part, ms from completion at the core to the last of
 /// `n` responses.
-async fn fanout(addr: SocketAddr, origin: SocketAddr, n: usize, rounds: usize) -> (Vec<f64>, usize) {
+async fn fanout(
+    addr: SocketAddr,
+    origin: SocketAddr,
+    n: usize,
+    rounds: usize,
+) -> (Vec<f64>, usize) {
     let (target_tx, target_rx) = watch::channel::<Option<(u64, u64)>>(None);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, u64)>();
     let mut conns = Vec::with_capacity(n);
@@ -344,7 +360,9 @@ async fn fanout(addr: SocketAddr, origin: SocketAddr, n: usize, rounds: usize) -
                 if rx.changed().await.is_err() {
                     return;
                 }
-                let Some((m, p)) = *rx.borrow_and_update() else { return };
+                let Some((m, p)) = *rx.borrow_and_update() else {
+                    return;
+                };
                 let path = format!("/live/demo/src/index.m3u8?_HLS_msn={m}&_HLS_part={p}");
                 match get(&mut c, &mut buf, &path).await {
                     Ok((200, changed, _)) => {
@@ -397,12 +415,19 @@ fn main() {
     let fanouts: Vec<usize> = arg("--fanout", "1000,10000")
         .split(',')
         .map(|x| x.parse().unwrap())
+        .filter(|n| *n > 0)
         .collect();
     let with_peers = arg("--peers", "yes") == "yes";
 
     let env = common::Env::new();
     // A short window keeps the media playlist near 1.5 KB.
-    let core_cfg = common::core_config_with_origin(&env, "core-1", "window_segments = 3");
+    // 1/3 s parts and a short window keep the media playlist near 1.5 KB; at 450 kbit/s video
+    // a part is about 20 KB.
+    let core_cfg = common::core_config_with_origin(
+        &env,
+        "core-1",
+        "window_segments = 3\npart_target_ms = 333",
+    );
     let core = Proc::start_quiet("core", &["core", "--config", core_cfg.to_str().unwrap()]);
     let relay = core.addr("relay");
     let origin = core.addr("origin");
@@ -418,8 +443,16 @@ fn main() {
         .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
         .args(["-f", "lavfi", "-i", "sine"])
         .args(["-t", &total_secs.to_string(), "-map", "0:v", "-map", "1:a"])
-        .args(["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency"])
-        .args(["-b:v", "700k", "-g", "60", "-c:a", "aac", "-b:a", "64k"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ])
+        .args(["-b:v", "450k", "-maxrate", "450k", "-bufsize", "450k"])
+        .args(["-g", "60", "-c:a", "aac", "-b:a", "64k"])
         .args(["-f", "flv", &format!("rtmp://{rtmp}/live/demo-key")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -527,6 +560,7 @@ fn main() {
         }
     });
     let _ = ff.kill();
+    let _ = ff.wait();
     for mut c in children_procs {
         let _ = c.kill();
         let _ = c.wait();

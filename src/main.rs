@@ -6,6 +6,11 @@ use livepop::{certs, config, roles, shutdown};
 use std::path::PathBuf;
 use std::time::Duration;
 
+// The edge allocates a little per request (Pingora sessions, headers); mimalloc's thread-local
+// free lists measured ~10% less CPU per cached hit than glibc malloc (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// livepop: a live-streaming edge PoP (RTMP/RTMPS ingest, QUIC relay) and regional core.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]

@@ -371,3 +371,76 @@ fn core_outage_serves_cached_media_and_recovers() {
     );
     let _ = ff.kill();
 }
+
+/// Viewer limits: a client dripping its request headers is cut off at the header timeout
+/// however it drips; connections beyond the cap are closed at once and counted; neither
+/// disturbs a well-behaved viewer.
+#[test]
+fn slow_headers_are_cut_off_and_connections_are_capped() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "");
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.origins = vec![core.addr("origin")];
+    opts.extra_playback = "header_timeout_ms = 1000\nmax_connections = 2".into();
+    let edge = start_edge(&env, &opts);
+    let http = edge.addr("http");
+
+    // A well-behaved request works (404: no such stream, answered by the origin).
+    assert_eq!(http_get(http, "/live/nosuch/master.m3u8").unwrap().0, 404);
+
+    // Slow headers: one byte every 100 ms never completes a request; the edge hangs up about
+    // one header timeout after the connection opened.
+    let t = Instant::now();
+    let mut slow = std::net::TcpStream::connect(http).unwrap();
+    let req = b"GET /live/demo/master.m3u8 HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaa";
+    let mut cut = None;
+    for b in req.iter().cycle().take(60) {
+        if slow.write_all(&[*b]).is_err() {
+            cut = Some(t.elapsed());
+            break;
+        }
+        slow.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut x = [0u8; 1];
+        match slow.read(&mut x) {
+            Ok(0) => {
+                cut = Some(t.elapsed());
+                break;
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            _ => {
+                cut = Some(t.elapsed());
+                break;
+            }
+        }
+    }
+    let cut = cut.expect("a dripping client was never cut off");
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_millis(2500),
+        "cut off after {cut:?}"
+    );
+
+    // The cap: two idle connections hold both slots; a third is closed at once.
+    let a = std::net::TcpStream::connect(http).unwrap();
+    let b = std::net::TcpStream::connect(http).unwrap();
+    // Both are accepted (and hold slots) once the edge has seen them: a request on a third
+    // connection made after that must be refused.
+    wait_for("both slots taken", Duration::from_secs(5), || {
+        let mut c = std::net::TcpStream::connect(http).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let _ = c.write_all(b"GET /live/nosuch/master.m3u8 HTTP/1.0\r\n\r\n");
+        let mut v = vec![];
+        let refused = matches!(c.read_to_end(&mut v), Ok(0)) || v.is_empty();
+        refused.then_some(())
+    });
+    assert!(metric(edge.addr("admin"), "livepop_edge_connections_refused_total") >= 1.0);
+    drop((a, b));
+    // Slots free again: viewers are served.
+    wait_for("a slot", Duration::from_secs(5), || {
+        (http_get(http, "/live/nosuch/master.m3u8").map(|r| r.0) == Some(404)).then_some(())
+    });
+}
