@@ -437,12 +437,12 @@ fn main() {
     let edge = Proc::start_quiet("edge", &["edge", "--config", edge_cfg.to_str().unwrap()]);
     let rtmp = edge.addr("rtmp");
     let edge_http = edge.addr("http");
-    let total_secs = 30 + 3 * 2 * secs + (fanouts.len() as u64 * 3 * (rounds as u64 + 2)) / 2;
     let mut ff = Command::new("ffmpeg")
         .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
         .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
         .args(["-f", "lavfi", "-i", "sine"])
-        .args(["-t", &total_secs.to_string(), "-map", "0:v", "-map", "1:a"])
+        // Publishes until the benchmark ends (killed below).
+        .args(["-t", "7200", "-map", "0:v", "-map", "1:a"])
         .args([
             "-c:v",
             "libx264",

@@ -20,6 +20,7 @@ cat <<MSG
 
   livepop is running (core and edge).
   Publish:  rtmp://127.0.0.1:1935/live/demo-key   (or rtmps://127.0.0.1:1936/live/demo-key)
+  Play:     http://127.0.0.1:8080/live/demo/master.m3u8   (or https://localhost:8443/...)
   Metrics:  http://127.0.0.1:9090/metrics (edge), http://127.0.0.1:9091/metrics (core)
   Stop with Ctrl-C.
 

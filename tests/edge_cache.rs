@@ -444,3 +444,133 @@ fn slow_headers_are_cut_off_and_connections_are_capped() {
         (http_get(http, "/live/nosuch/master.m3u8").map(|r| r.0) == Some(404)).then_some(())
     });
 }
+
+/// A TCP relay between the edge and the core's origin that, while armed, cuts each response
+/// after `cut` bytes: an origin connection failing partway through a body.
+struct CuttingRelay {
+    addr: SocketAddr,
+    cut: Arc<AtomicUsize>,
+}
+
+impl CuttingRelay {
+    fn start(to: SocketAddr) -> Self {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let cut = Arc::new(AtomicUsize::new(0));
+        let c = cut.clone();
+        std::thread::spawn(move || {
+            for down in l.incoming().flatten() {
+                let Ok(up) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                let limit = c.load(Ordering::SeqCst);
+                let (mut d1, mut u1) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut d1, &mut u1);
+                });
+                let (mut u2, mut d2) = (up, down);
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut sent = 0;
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = u2.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let n = if limit > 0 { n.min(limit - sent) } else { n };
+                        if d2.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n;
+                        if limit > 0 && sent >= limit {
+                            break; // cut: both directions close
+                        }
+                    }
+                    let _ = d2.shutdown(std::net::Shutdown::Both);
+                    let _ = u2.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CuttingRelay { addr, cut }
+    }
+}
+
+/// pingora issue #932: an origin response that breaks partway must reach viewers as a broken
+/// response (never a short body that looks complete) and must not stay in the cache: the next
+/// request gets the whole object.
+#[test]
+fn a_fill_that_fails_partway_is_never_served_as_complete() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "");
+    let relay = CuttingRelay::start(core.addr("origin"));
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.origins = vec![relay.addr];
+    let edge = start_edge(&env, &opts);
+    let http = edge.addr("http");
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let mut ff = ffmpeg_publish(&url, 20, "640x360", None);
+    let origin = core.addr("origin");
+    let pl = wait_for("a complete segment", Duration::from_secs(20), || {
+        let (s, pl) = text(origin, "/live/demo/src/index.m3u8");
+        (s == 200 && pl.contains("#EXTINF")).then_some(pl)
+    });
+    let lines: Vec<&str> = pl.lines().collect();
+    let seg = lines[lines.iter().position(|l| l.starts_with("#EXTINF")).unwrap() + 1];
+    let path = format!("/live/demo/src/{seg}");
+    let (_, _, whole) = http_get_full(origin, &path).unwrap();
+    assert!(whole.len() > 20_000, "segment of {} bytes", whole.len());
+
+    // Armed: the edge's origin connection breaks 10,000 bytes into the response. Several
+    // viewers ask at once; none may receive a body that passes for complete.
+    relay.cut.store(10_000, Ordering::SeqCst);
+    let viewers: Vec<_> = (0..5)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(http).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+                write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                let mut v = vec![];
+                let _ = s.read_to_end(&mut v); // ends with the connection
+                v
+            })
+        })
+        .collect();
+    let mut broken_200 = 0;
+    for v in viewers {
+        let resp = v.join().unwrap();
+        let Some(split) = resp.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue; // no response at all: clearly failed
+        };
+        let head = String::from_utf8_lossy(&resp[..split]).to_lowercase();
+        let body = &resp[split + 4..];
+        if let Some(len) = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            if head.starts_with("http/1.1 200") && body.len() < len {
+                broken_200 += 1;
+            }
+            assert!(
+                !head.starts_with("http/1.1 200") || body.len() < len || body == whole.as_slice(),
+                "a truncated body passed for complete: {head}\n{} of {len} bytes",
+                body.len()
+            );
+        } else if head.contains("transfer-encoding: chunked") {
+            assert!(
+                !body.ends_with(b"0\r\n\r\n"),
+                "a truncated chunked body was terminated as complete"
+            );
+        }
+    }
+    // The failure reached viewers mid-body (the case under test), as a short body.
+    assert!(broken_200 > 0, "no viewer saw the fill fail partway");
+    // Disarmed: the next request gets the whole segment, not a cached fragment.
+    relay.cut.store(0, Ordering::SeqCst);
+    let (s, _, body) = http_get_full(http, &path).unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(body, whole);
+    let _ = ff.kill();
+}
