@@ -56,6 +56,8 @@ pub struct CoreConfig {
     pub relay: CoreRelayConfig,
     /// The LL-HLS origin that serves the packaged streams; omit to only receive.
     pub origin: Option<OriginConfig>,
+    /// ABR ladder: transcoded renditions served next to the source (needs [origin]).
+    pub transcode: Option<TranscodeConfig>,
     /// Optional recording of every received stream to a file, for debugging.
     pub record: Option<RecordConfig>,
 }
@@ -349,6 +351,59 @@ pub struct OriginConfig {
     /// tests; a busy origin logs a lot.
     #[serde(default)]
     pub access_log: bool,
+}
+
+/// The transcoding ladder of every stream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranscodeConfig {
+    /// libx264 preset (ultrafast … veryslow); faster presets cost less CPU per rendition.
+    #[serde(default = "default_preset")]
+    pub preset: String,
+    /// Threads per encoder; 0 lets x264 decide.
+    #[serde(default)]
+    pub threads: u32,
+    /// Renditions, by height; those at or above the source's height are skipped (never
+    /// upscaled). Empty: 1080p, 720p, 480p and 360p.
+    #[serde(default)]
+    pub renditions: Vec<RenditionConfig>,
+}
+
+/// One transcoded rendition.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenditionConfig {
+    /// Name in playback URLs, e.g. "480p".
+    pub name: String,
+    /// Picture height; the width follows the source's aspect ratio.
+    pub height: u32,
+    /// Video bitrate in kbit/s.
+    pub video_kbps: u32,
+}
+
+impl TranscodeConfig {
+    /// (name, height, kbit/s) of each wanted rendition.
+    pub fn wanted(&self) -> Vec<(String, u32, u32)> {
+        if self.renditions.is_empty() {
+            return [
+                ("1080p", 1080, 5000),
+                ("720p", 720, 2800),
+                ("480p", 480, 1400),
+                ("360p", 360, 800),
+            ]
+            .iter()
+            .map(|(n, h, k)| (n.to_string(), *h, *k))
+            .collect();
+        }
+        self.renditions
+            .iter()
+            .map(|r| (r.name.clone(), r.height, r.video_kbps))
+            .collect()
+    }
+}
+
+fn default_preset() -> String {
+    "veryfast".into()
 }
 
 fn default_part_ms() -> u32 {
@@ -647,6 +702,57 @@ impl CoreConfig {
         }
         if let Some(r) = &mut self.record {
             r.dir = resolve(&base, &r.dir);
+        }
+        if let Some(t) = &self.transcode {
+            if self.origin.is_none() {
+                return Err(err(
+                    file,
+                    "transcode",
+                    "transcoding needs an [origin] to serve it",
+                ));
+            }
+            let presets = [
+                "ultrafast",
+                "superfast",
+                "veryfast",
+                "faster",
+                "fast",
+                "medium",
+                "slow",
+                "slower",
+                "veryslow",
+            ];
+            if !presets.contains(&t.preset.as_str()) {
+                return Err(err(
+                    file,
+                    "transcode.preset",
+                    format!("one of {}", presets.join(", ")),
+                ));
+            }
+            let mut names = std::collections::HashSet::new();
+            for (i, r) in t.renditions.iter().enumerate() {
+                if !valid_stream_name(&r.name) || r.name == "src" || !names.insert(&r.name) {
+                    return Err(err(
+                        file,
+                        &format!("transcode.renditions[{i}].name"),
+                        "a unique name of letters, digits, '-', '_', '.' (not \"src\")",
+                    ));
+                }
+                if !(64..=4320).contains(&r.height) {
+                    return Err(err(
+                        file,
+                        &format!("transcode.renditions[{i}].height"),
+                        "64 to 4320",
+                    ));
+                }
+                if !(50..=100_000).contains(&r.video_kbps) {
+                    return Err(err(
+                        file,
+                        &format!("transcode.renditions[{i}].video_kbps"),
+                        "50 to 100000",
+                    ));
+                }
+            }
         }
         if let Some(o) = &self.origin {
             check_addr(file, "origin.listen", &o.listen)?;

@@ -19,3 +19,4 @@ pub mod relay;
 pub mod roles;
 pub mod shutdown;
 pub mod telemetry;
+pub mod transcode;

@@ -6,12 +6,14 @@
 //! playlist is cached per version so that thousands of waiters woken by one part share one
 //! rendering. Response headers follow shared/LLHLS.md (appendix B.1 lifetimes, CORS).
 
-use crate::config::OriginConfig;
+use crate::config::{OriginConfig, TranscodeConfig};
 use crate::hls::{self, Directives, RenditionReport, Variant};
 use crate::media::StreamInfo;
 use crate::packager::{Lookup, Packager, PackagerConfig};
 use crate::relay::receiver::{LiveStream, StreamEvent, StreamTable};
 use crate::shutdown::Shutdown;
+use crate::telemetry::CoreMetrics;
+use crate::transcode::{self, Ladder};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
@@ -122,6 +124,8 @@ impl Output {
 /// All outputs of a core.
 pub struct Origin {
     cfg: OriginConfig,
+    transcode: Option<TranscodeConfig>,
+    metrics: CoreMetrics,
     outputs: Mutex<HashMap<String, Arc<Output>>>,
 }
 
@@ -132,10 +136,17 @@ fn first_msn(now_ms: i64, td: u32) -> u64 {
 }
 
 impl Origin {
-    /// An origin that packages every stream of `table`.
-    pub fn new(cfg: OriginConfig, table: &StreamTable) -> Arc<Self> {
+    /// An origin that packages every stream of `table` (and transcodes it when `transcode`).
+    pub fn new(
+        cfg: OriginConfig,
+        transcode: Option<TranscodeConfig>,
+        metrics: CoreMetrics,
+        table: &StreamTable,
+    ) -> Arc<Self> {
         let o = Arc::new(Origin {
             cfg,
+            transcode,
+            metrics,
             outputs: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&o);
@@ -176,9 +187,24 @@ impl Origin {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut output: Option<Arc<Output>> = None;
         let mut info = StreamInfo::default();
+        // The transcoding ladder, its output channel, and rung index → rendition index.
+        let mut ladder: Option<Ladder> = None;
+        let mut ladder_rx: Option<tokio::sync::mpsc::Receiver<transcode::Output>> = None;
+        let mut rung_to_rendition: Vec<Option<usize>> = vec![];
         loop {
             let ev = tokio::select! {
                 ev = rx.recv() => ev,
+                Some(t) = async {
+                    match &mut ladder_rx {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(o) = &output {
+                        self.transcoded(o, t, &rung_to_rendition);
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {
                     if let Some(o) = &output {
                         for r in &o.renditions {
@@ -197,23 +223,71 @@ impl Origin {
                     if info.video.is_none() {
                         continue;
                     }
-                    match &output {
-                        None => output = Some(self.attach(&stream, info.clone())),
+                    let o = match &output {
+                        None => {
+                            let o = self.attach(&stream, info.clone());
+                            output = Some(o.clone());
+                            o
+                        }
                         Some(o) if changed => {
                             for r in &o.renditions {
                                 r.lock().restart(info.clone(), stream.epoch, now_ms());
-                                *r.info.lock().unwrap_or_else(|p| p.into_inner()) = info.clone();
+                                if r.name == SOURCE {
+                                    *r.info.lock().unwrap_or_else(|p| p.into_inner()) =
+                                        info.clone();
+                                }
                                 r.bump();
                             }
+                            o.clone()
                         }
-                        Some(_) => {}
+                        Some(_) => continue,
+                    };
+                    // (Re)start the ladder for this configuration.
+                    ladder = None;
+                    ladder_rx = None;
+                    if let Some(tc) = &self.transcode {
+                        let (tx, lrx) = tokio::sync::mpsc::channel(1024);
+                        match Ladder::start(&stream.name, &info, tc, tx, self.metrics.clone()) {
+                            Ok(Some(l)) => {
+                                rung_to_rendition = l
+                                    .rungs
+                                    .iter()
+                                    .map(|rung| {
+                                        o.renditions.iter().position(|r| r.name == rung.name)
+                                    })
+                                    .collect();
+                                ladder = Some(l);
+                                ladder_rx = Some(lrx);
+                            }
+                            Ok(None) => {
+                                rung_to_rendition.clear();
+                                end_transcoded(&o);
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "transcoding unavailable; serving the source only");
+                                rung_to_rendition.clear();
+                                end_transcoded(&o);
+                            }
+                        }
                     }
                 }
                 Ok(StreamEvent::Frame(f)) => {
                     if let Some(o) = &output {
-                        let r = &o.renditions[0];
-                        if r.lock().push(f, now_ms()) {
-                            r.bump();
+                        if f.track == crate::media::TrackKind::Video {
+                            if let Some(l) = &mut ladder {
+                                l.push(&f);
+                            }
+                            let r = &o.renditions[0];
+                            if r.lock().push(f, now_ms()) {
+                                r.bump();
+                            }
+                        } else {
+                            // Audio is passed through into every rendition.
+                            for r in &o.renditions {
+                                if r.lock().push(f.clone(), now_ms()) {
+                                    r.bump();
+                                }
+                            }
                         }
                     }
                 }
@@ -221,6 +295,15 @@ impl Origin {
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     warn!(lost = n, "packager fell behind the relay; frames lost");
                 }
+            }
+        }
+        drop(ladder);
+        // Encoded frames still in flight belong to the stream's end.
+        if let (Some(o), Some(mut lrx)) = (&output, ladder_rx.take()) {
+            while let Ok(Some(t)) =
+                tokio::time::timeout(Duration::from_millis(500), lrx.recv()).await
+            {
+                self.transcoded(o, t, &rung_to_rendition);
             }
         }
         let Some(o) = output else { return };
@@ -244,6 +327,38 @@ impl Origin {
         }
     }
 
+    /// Feeds what the ladder produced into the transcoded renditions.
+    fn transcoded(&self, o: &Output, t: transcode::Output, map: &[Option<usize>]) {
+        let rendition = |i: usize| {
+            map.get(i)
+                .copied()
+                .flatten()
+                .and_then(|x| o.renditions.get(x))
+        };
+        match t {
+            transcode::Output::Config(i, vc) => {
+                if let Some(r) = rendition(i) {
+                    let mut info = r.info.lock().unwrap_or_else(|p| p.into_inner());
+                    info.video = Some(vc);
+                    r.lock().set_info(info.clone());
+                }
+            }
+            transcode::Output::Frame(i, f) => {
+                if let Some(r) = rendition(i) {
+                    if r.lock().push(f, now_ms()) {
+                        r.bump();
+                    }
+                }
+            }
+            transcode::Output::Stopped(i) => {
+                if let Some(r) = rendition(i) {
+                    r.lock().end(now_ms());
+                    r.bump();
+                }
+            }
+        }
+    }
+
     /// The output for a new relayed stream: a fresh one, or the previous one of that name
     /// continued with a discontinuity (same stream published again).
     fn attach(&self, stream: &LiveStream, info: StreamInfo) -> Arc<Output> {
@@ -258,27 +373,55 @@ impl Origin {
             info!("stream published again: continuing its playlist after a discontinuity");
             return o.clone();
         }
-        let packager = Packager::new(
-            self.packager_config(),
-            info.clone(),
-            first_msn(now_ms(), self.cfg.target_duration_s),
-            stream.epoch,
-        );
-        let r = Arc::new(Rendition {
-            name: SOURCE.into(),
-            packager: Mutex::new(packager),
-            version: watch::channel(Position::default()).0,
-            rendered: Mutex::new(HashMap::new()),
-            changed_us: std::sync::atomic::AtomicU64::new(0),
-            info: Mutex::new(info),
-        });
+        // Every rendition starts at the same media sequence number, so that the same MSN is
+        // the same media time in all of them.
+        let msn = first_msn(now_ms(), self.cfg.target_duration_s);
+        let rendition = |name: &str, info: StreamInfo| {
+            Arc::new(Rendition {
+                name: name.into(),
+                packager: Mutex::new(Packager::new(
+                    self.packager_config(),
+                    info.clone(),
+                    msn,
+                    stream.epoch,
+                )),
+                version: watch::channel(Position::default()).0,
+                rendered: Mutex::new(HashMap::new()),
+                changed_us: std::sync::atomic::AtomicU64::new(0),
+                info: Mutex::new(info),
+            })
+        };
+        let mut renditions = vec![rendition(SOURCE, info.clone())];
+        if let (Some(tc), Some(size)) = (
+            &self.transcode,
+            info.video
+                .as_ref()
+                .and_then(|v| crate::media::avc_dimensions(&v.record)),
+        ) {
+            for rung in transcode::plan(size, &tc.wanted()) {
+                // Video configuration arrives from the encoder before its first frame.
+                let ri = StreamInfo {
+                    video: None,
+                    ..info.clone()
+                };
+                renditions.push(rendition(&rung.name, ri));
+            }
+        }
         let o = Arc::new(Output {
             name: stream.name.clone(),
-            renditions: vec![r],
+            renditions,
             epoch: Mutex::new(stream.epoch),
         });
         m.insert(stream.name.clone(), o.clone());
         o
+    }
+}
+
+/// Ends the transcoded renditions of `o` (no ladder for the current configuration).
+fn end_transcoded(o: &Output) {
+    for r in o.renditions.iter().filter(|r| r.name != SOURCE) {
+        r.lock().end(now_ms());
+        r.bump();
     }
 }
 
@@ -408,22 +551,37 @@ impl Origin {
         let deadline = tokio::time::Instant::now() + self.hold_limit();
         for r in &o.renditions {
             let mut rx = r.version.subscribe();
-            while rx.borrow_and_update().last_part.is_none() {
+            loop {
+                let pos = *rx.borrow_and_update();
+                if pos.last_part.is_some() || (pos.ended && r.name != SOURCE) {
+                    break;
+                }
                 if tokio::time::timeout_at(deadline, rx.changed())
                     .await
                     .is_err()
                 {
-                    return error(StatusCode::SERVICE_UNAVAILABLE, "stream has no media yet");
+                    if r.name == SOURCE {
+                        return error(StatusCode::SERVICE_UNAVAILABLE, "stream has no media yet");
+                    }
+                    break; // a rendition that is late is left out of this answer
                 }
             }
         }
         let variants: Vec<Variant> = o
             .renditions
             .iter()
-            .map(|r| {
+            .filter_map(|r| {
                 let info = r.info.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let p = r.lock();
-                variant(&r.name, &info, &p)
+                // Renditions with media only: a stopped or not yet started one is left out.
+                if p.playlist.last_part().is_none()
+                    || (r.name != SOURCE
+                        && p.playlist.ended
+                        && !o.renditions[0].lock().playlist.ended)
+                {
+                    return None;
+                }
+                Some(variant(&r.name, &info, &p))
             })
             .collect();
         resp(
@@ -628,6 +786,11 @@ fn variant(name: &str, info: &StreamInfo, p: &Packager) -> Variant {
         average_bandwidth: avg.max(1),
         codecs: codecs.join(","),
         resolution,
-        frame_rate: p.frame_rate().or(info.metadata.frame_rate.map(f64::from)),
+        // The publisher's declared rate when the measured one agrees with it (the measurement
+        // is coarse early in a stream); otherwise what was measured.
+        frame_rate: match (p.frame_rate(), info.metadata.frame_rate.map(f64::from)) {
+            (Some(m), Some(d)) if d > 0.0 && (m - d).abs() / d < 0.02 => Some(d),
+            (m, d) => m.or(d),
+        },
     }
 }

@@ -214,6 +214,15 @@ impl Packager {
         Some(())
     }
 
+    /// Replaces the stream configuration before the first frame (a transcoded rendition learns
+    /// its encoder's configuration after its packager exists).
+    pub fn set_info(&mut self, info: StreamInfo) {
+        if self.init.is_none() {
+            self.has_audio = info.audio.is_some();
+            self.info = info;
+        }
+    }
+
     /// The publisher came back (new epoch) or the codec changed: continue with a discontinuity
     /// and a new init segment. Media sequence numbers continue.
     pub fn restart(&mut self, info: StreamInfo, init_id: u64, now_ms: i64) {

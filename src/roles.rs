@@ -108,10 +108,9 @@ pub async fn start_core(cfg: CoreConfig, shutdown: Shutdown) -> Result<Running> 
             crate::record::spawn(dir.clone(), s, rx, errors.clone())
         }));
     }
-    let origin = cfg
-        .origin
-        .as_ref()
-        .map(|o| crate::origin::Origin::new(o.clone(), &table));
+    let origin = cfg.origin.as_ref().map(|o| {
+        crate::origin::Origin::new(o.clone(), cfg.transcode.clone(), metrics.clone(), &table)
+    });
     let relay = Arc::new(CoreRelay::bind(&cfg.relay, table, metrics.clone())?);
     let mut tasks = JoinSet::new();
     let mut addrs = vec![("relay", relay.local_addr()?)];

@@ -212,6 +212,16 @@ pub struct CoreMetrics {
     pub record_errors: IntCounter,
     /// Size of relayed frames.
     pub relay_frame_bytes: Histogram,
+    /// Source video frames into a stream's transcoder.
+    pub transcode_frames_in: IntCounterVec,
+    /// Encoded frames out, per rendition.
+    pub transcode_frames_out: IntCounterVec,
+    /// Source frames the transcoder dropped (behind, or undecodable).
+    pub transcode_dropped: IntCounterVec,
+    /// Renditions stopped to keep up with real time.
+    pub transcode_shed: IntCounterVec,
+    /// Time a frame spends in an encoder, per rendition.
+    pub transcode_latency: HistogramVec,
 }
 
 impl CoreMetrics {
@@ -268,6 +278,43 @@ impl CoreMetrics {
                 &["reason"],
             ),
             relay_streams: gauge(&r, "livepop_relay_streams", "Streams being received"),
+            transcode_frames_in: counter_vec(
+                &r,
+                "livepop_transcode_frames_in_total",
+                "Source video frames into the transcoder",
+                &["stream"],
+            ),
+            transcode_frames_out: counter_vec(
+                &r,
+                "livepop_transcode_frames_out_total",
+                "Encoded video frames out of the transcoder",
+                &["stream", "rendition"],
+            ),
+            transcode_dropped: counter_vec(
+                &r,
+                "livepop_transcode_dropped_frames_total",
+                "Source frames the transcoder dropped (behind real time, or undecodable)",
+                &["stream"],
+            ),
+            transcode_shed: counter_vec(
+                &r,
+                "livepop_transcode_shed_total",
+                "Renditions stopped to keep up with real time",
+                &["stream", "rendition"],
+            ),
+            transcode_latency: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "livepop_transcode_encode_seconds",
+                        "Time from a frame entering an encoder to its packet leaving it",
+                    )
+                    .buckets(DELAY_BUCKETS.to_vec()),
+                    &["rendition"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             relay_delay,
             record_errors: counter(&r, "livepop_record_errors_total", "Recordings that failed"),
             relay_frame_bytes,
