@@ -146,6 +146,38 @@ fn the_ladder_is_keyframe_aligned_and_complete() {
         "{live}"
     );
 
+    // §6.2.1: all renditions advance together: the same part completes in each within one
+    // PART-TARGET of the source (blocking reloads held on all three at once).
+    let pt = 0.2 + 0.02;
+    for _ in 0..5 {
+        let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+        let hint = pl
+            .lines()
+            .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"s"))
+            .unwrap()
+            .trim_end_matches(".m4s\"")
+            .to_string();
+        let (m, p) = hint.split_once('.').unwrap();
+        let path = format!("index.m3u8?_HLS_msn={m}&_HLS_part={p}");
+        let waits: Vec<_> = ["src", "480p", "360p"]
+            .iter()
+            .map(|r| {
+                let path = format!("/live/demo/{r}/{path}");
+                std::thread::spawn(move || {
+                    let (s, head, _) = http_get_full(origin, &path).unwrap();
+                    assert_eq!(s, 200);
+                    head.lines()
+                        .find_map(|l| l.strip_prefix("livepop-changed-us: "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap()
+                })
+            })
+            .collect();
+        let stamps: Vec<u64> = waits.into_iter().map(|h| h.join().unwrap()).collect();
+        let spread = (stamps.iter().max().unwrap() - stamps.iter().min().unwrap()) as f64 / 1e6;
+        assert!(spread <= pt, "renditions {stamps:?} apart by {spread} s");
+    }
+
     assert!(wait_child(&mut ff, Duration::from_secs(60)));
     let ended = |r: &str| {
         wait_for("EXT-X-ENDLIST", Duration::from_secs(15), || {
