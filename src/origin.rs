@@ -101,6 +101,25 @@ impl Rendition {
         });
     }
 
+    /// Pushes a frame; on a new part, records its delay and wakes waiters.
+    fn push(&self, f: crate::media::Frame, metrics: &CoreMetrics) {
+        let arrival = {
+            let mut p = self.lock();
+            if !p.push(f, now_ms()) {
+                return;
+            }
+            p.take_part_arrival()
+        };
+        if let Some(a) = arrival {
+            let delay = crate::media::now_unix_us().saturating_sub(a) as f64 / 1e6;
+            metrics
+                .origin_part_delay
+                .with_label_values(&[&self.name])
+                .observe(delay);
+        }
+        self.bump();
+    }
+
     fn changed_us(&self) -> u64 {
         self.changed_us.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -277,16 +296,11 @@ impl Origin {
                             if let Some(l) = &mut ladder {
                                 l.push(&f);
                             }
-                            let r = &o.renditions[0];
-                            if r.lock().push(f, now_ms()) {
-                                r.bump();
-                            }
+                            o.renditions[0].push(f, &self.metrics);
                         } else {
                             // Audio is passed through into every rendition.
                             for r in &o.renditions {
-                                if r.lock().push(f.clone(), now_ms()) {
-                                    r.bump();
-                                }
+                                r.push(f.clone(), &self.metrics);
                             }
                         }
                     }
@@ -345,9 +359,7 @@ impl Origin {
             }
             transcode::Output::Frame(i, f) => {
                 if let Some(r) = rendition(i) {
-                    if r.lock().push(f, now_ms()) {
-                        r.bump();
-                    }
+                    r.push(f, &self.metrics);
                 }
             }
             transcode::Output::Stopped(i) => {

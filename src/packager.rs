@@ -98,6 +98,9 @@ pub struct Packager {
     pdt_anchor: Option<i64>,
     pending_discontinuity: bool,
     frames_out: u64,
+    /// Edge arrival (µs) of the newest frame in the newest part, and whether a part was emitted
+    /// since the caller last took it.
+    last_part_arrival: Option<u64>,
     /// Video frames seen, first and last dts (for the frame rate).
     video_span: Option<(u64, i64, i64)>,
 }
@@ -154,6 +157,7 @@ impl Packager {
             pdt_anchor: None,
             pending_discontinuity: false,
             frames_out: 0,
+            last_part_arrival: None,
             video_span: None,
         }
     }
@@ -177,6 +181,11 @@ impl Packager {
             .iter()
             .find(|(u, _)| u == uri)
             .map(|(_, b)| b.clone())
+    }
+
+    /// Edge arrival time (µs) of the newest frame of the part emitted since the last call.
+    pub fn take_part_arrival(&mut self) -> Option<u64> {
+        self.last_part_arrival.take()
     }
 
     /// Frames written into parts so far.
@@ -493,6 +502,7 @@ impl Packager {
         if self.seg_start_dts.is_none() {
             self.open_segment(first.dts);
         }
+        self.last_part_arrival = video.iter().map(|f| f.arrival_us).max();
         let first = &video[0];
         let start = first.dts;
         let independent = first.keyframe;

@@ -222,6 +222,14 @@ pub struct CoreMetrics {
     pub transcode_shed: IntCounterVec,
     /// Time a frame spends in an encoder, per rendition.
     pub transcode_latency: HistogramVec,
+    /// Frames encoded per second (last second), per stream and rendition.
+    pub transcode_fps: prometheus::GaugeVec,
+    /// Speed: media time encoded per second of encoder work (ffmpeg's "speed"; < 1 cannot keep
+    /// up), per stream and rendition.
+    pub transcode_speed: prometheus::GaugeVec,
+    /// Time from a part's newest frame reaching the edge to the part's publication, per
+    /// rendition (includes the relay and, for transcoded renditions, decoding and encoding).
+    pub origin_part_delay: HistogramVec,
 }
 
 impl CoreMetrics {
@@ -302,6 +310,40 @@ impl CoreMetrics {
                 "Renditions stopped to keep up with real time",
                 &["stream", "rendition"],
             ),
+            transcode_fps: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new("livepop_transcode_fps", "Frames encoded in the last second"),
+                    &["stream", "rendition"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            transcode_speed: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "livepop_transcode_speed",
+                        "Media seconds encoded per second of encoder work (below 1: cannot keep up)",
+                    ),
+                    &["stream", "rendition"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            origin_part_delay: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "livepop_origin_part_delay_seconds",
+                        "From a part's newest frame reaching the edge to the part's publication",
+                    )
+                    .buckets(DELAY_BUCKETS.to_vec()),
+                    &["rendition"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             transcode_latency: {
                 let h = HistogramVec::new(
                     HistogramOpts::new(

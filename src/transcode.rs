@@ -173,6 +173,8 @@ impl Ladder {
             return Ok(None);
         }
         ff::init().context("initialising FFmpeg")?;
+        // FFmpeg's own messages (x264 statistics at close, warnings) only when they matter.
+        ff::util::log::set_level(ff::util::log::Level::Error);
         let fps = info
             .metadata
             .frame_rate
@@ -223,6 +225,14 @@ impl Ladder {
             stream: stream.to_string(),
             metrics,
         }))
+    }
+
+    /// Queues a source video frame, waiting for room (benchmarks feeding a file as fast as
+    /// the ladder goes; live input uses `push`).
+    pub fn push_wait(&self, f: &Frame) {
+        if f.track == TrackKind::Video {
+            let _ = self.input.send(f.clone());
+        }
     }
 
     /// Queues a source video frame without blocking. A full queue means the ladder is far
@@ -462,6 +472,19 @@ impl Encoder {
             .with_label_values(&[stream, rendition]);
         let latency = metrics.transcode_latency.with_label_values(&[rendition]);
         let mut pending: HashMap<i64, (u64, Instant)> = HashMap::new();
+        let fps = metrics
+            .transcode_fps
+            .with_label_values(&[stream, rendition]);
+        let speed = metrics
+            .transcode_speed
+            .with_label_values(&[stream, rendition]);
+        let mut window = (
+            Instant::now(),
+            0u32,
+            std::time::Duration::ZERO,
+            None::<i64>,
+            0i64,
+        );
         let mut pkt = ff::Packet::empty();
         let mut last = (0u64, 0i64);
         loop {
@@ -480,7 +503,23 @@ impl Encoder {
                     });
                     pending.insert(d.pts, (d.arrival_us, Instant::now()));
                     last = (d.arrival_us, d.delay);
-                    if self.enc.send_frame(&d.frame).is_err() {
+                    // Per-second window: frames, encoder busy time, media time covered.
+                    window.1 += 1;
+                    window.3.get_or_insert(d.pts);
+                    window.4 = d.pts;
+                    if window.0.elapsed() >= std::time::Duration::from_secs(1) {
+                        let wall = window.0.elapsed().as_secs_f64();
+                        fps.set(f64::from(window.1) / wall);
+                        let media = (window.4 - window.3.unwrap_or(window.4)) as f64 / 1000.0;
+                        if window.2 > std::time::Duration::ZERO && media > 0.0 {
+                            speed.set(media / window.2.as_secs_f64());
+                        }
+                        window = (Instant::now(), 0, std::time::Duration::ZERO, None, 0);
+                    }
+                    let busy = Instant::now();
+                    let sent = self.enc.send_frame(&d.frame);
+                    window.2 += busy.elapsed();
+                    if sent.is_err() {
                         warn!(stream, rendition, "encoder refused a frame");
                         continue;
                     }
