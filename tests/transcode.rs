@@ -292,3 +292,84 @@ fn the_ladder_is_keyframe_aligned_and_complete() {
     }
     assert!(fin >= 590.0, "only {fin} frames in 20 s at 30 fps");
 }
+
+fn encode(out: &std::path::Path, size: &str, secs: u32) {
+    let ok = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
+        .args(["-f", "lavfi", "-i", &format!("testsrc2=size={size}:rate=30")])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-t", &secs.to_string(), "-map", "0:v", "-map", "1:a"])
+        .args(["-c:v", "libx264", "-preset", "ultrafast", "-g", "30", "-bf", "0"])
+        .args(["-c:a", "aac", "-f", "flv"])
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// A new sequence header mid-stream (the publisher switches from 720p to 540p) restarts the
+/// ladder: every rendition continues after EXT-X-DISCONTINUITY with a new init segment, and the
+/// multivariant playlist describes the new source.
+#[test]
+fn a_new_sequence_header_restarts_the_ladder_with_a_discontinuity() {
+    let env = Env::new();
+    let ladder = "[transcode]\npreset = \"ultrafast\"\n[[transcode.renditions]]\nname = \"360p\"\nheight = 360\nvideo_kbps = 600\n";
+    let core = start_core_with_origin(&env, "core-1", ladder);
+    let origin = core.addr("origin");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let (a, b) = (env.path().join("a.flv"), env.path().join("b.flv"));
+    encode(&a, "1280x720", 6);
+    encode(&b, "960x540", 6);
+    let mut p = RawPublisher::publish(edge.addr("rtmp"), "demo-key");
+    let mut paced = vec![];
+    for (file, offset) in [(&a, 0u32), (&b, 6000u32)] {
+        for (kind, ts, body) in flv_tags(file) {
+            let ts = ts + offset;
+            let csid = if kind == 9 { 6 } else { 4 };
+            paced.push((
+                ts,
+                livepop::ingest::chunk::write::message(csid, ts, kind, 1, &body, RAW_CHUNK),
+            ));
+        }
+    }
+    send_paced(&mut p, &paced, 2);
+    drop(p);
+    let ended = |r: &str| {
+        wait_for("EXT-X-ENDLIST", Duration::from_secs(20), || {
+            let (_, pl) = text(origin, &format!("/live/demo/{r}/index.m3u8"));
+            pl.contains("#EXT-X-ENDLIST").then_some(pl)
+        })
+    };
+    for r in ["src", "360p"] {
+        let pl = ended(r);
+        assert_eq!(pl.matches("#EXT-X-DISCONTINUITY\n").count(), 1, "{r}:\n{pl}");
+        let maps: std::collections::HashSet<&str> = pl
+            .lines()
+            .filter_map(|l| l.strip_prefix("#EXT-X-MAP:URI="))
+            .collect();
+        assert_eq!(maps.len(), 2, "{r}: a new init segment after the change:\n{pl}");
+        let after = pl.split("#EXT-X-DISCONTINUITY\n").nth(1).unwrap();
+        assert!(after.matches("#EXTINF").count() >= 2, "{r}: media after the change:\n{pl}");
+    }
+    let (_, master) = text(origin, "/live/demo/master.m3u8");
+    assert!(master.contains("RESOLUTION=960x540"), "{master}");
+    assert!(master.contains("RESOLUTION=640x360"), "{master}");
+    // The 360p init after the change decodes with its segments.
+    let pl = ended("360p");
+    let after = pl.split("#EXT-X-DISCONTINUITY\n").nth(1).unwrap();
+    let map = after
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-MAP:URI=\""))
+        .unwrap()
+        .trim_end_matches('"');
+    let (_, _, mut all) = http_get_full(origin, &format!("/live/demo/360p/{map}")).unwrap();
+    for (_, uri) in segments(after) {
+        all.extend(http_get_full(origin, &format!("/live/demo/360p/{uri}")).unwrap().2);
+    }
+    let f = env.path().join("after.mp4");
+    std::fs::write(&f, all).unwrap();
+    assert!(ffprobe(&f, "stream=width,height").contains("640,360"));
+}
