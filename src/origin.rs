@@ -205,14 +205,31 @@ impl Origin {
         let mut tick = tokio::time::interval(Duration::from_millis(25));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut output: Option<Arc<Output>> = None;
-        let mut info = StreamInfo::default();
+        let mut info: StreamInfo;
         // The transcoding ladder, its output channel, and rung index → rendition index.
         let mut ladder: Option<Ladder> = None;
         let mut ladder_rx: Option<tokio::sync::mpsc::Receiver<transcode::Output>> = None;
         let mut rung_to_rendition: Vec<Option<usize>> = vec![];
+        // Non-AAC audio (MP3) is converted to AAC for every rendition.
+        let mut raw = StreamInfo::default();
+        let mut audio_conv: Option<transcode::AudioToAac> = None;
+        let mut audio_rx: Option<tokio::sync::mpsc::Receiver<crate::media::Frame>> = None;
         loop {
             let ev = tokio::select! {
                 ev = rx.recv() => ev,
+                Some(a) = async {
+                    match &mut audio_rx {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(o) = &output {
+                        for r in &o.renditions {
+                            r.push(a.clone(), &self.metrics);
+                        }
+                    }
+                    continue;
+                }
                 Some(t) = async {
                     match &mut ladder_rx {
                         Some(r) => r.recv().await,
@@ -237,8 +254,34 @@ impl Origin {
             };
             match ev {
                 Ok(StreamEvent::Info { info: i, .. }) => {
-                    let changed = i.video != info.video || i.audio != info.audio;
+                    let changed = i.video != raw.video || i.audio != raw.audio;
+                    let audio_changed = i.audio != raw.audio;
+                    raw = i.clone();
                     info = i;
+                    if audio_changed {
+                        audio_conv = None;
+                        audio_rx = None;
+                        if let Some(a) = info
+                            .audio
+                            .clone()
+                            .filter(|a| a.codec != crate::media::AudioCodec::Aac)
+                        {
+                            let (tx, arx) = tokio::sync::mpsc::channel(1024);
+                            match transcode::AudioToAac::start(&a, tx) {
+                                Ok(c) => {
+                                    info!(codec = ?a.codec, "converting the audio to AAC");
+                                    audio_conv = Some(c);
+                                    audio_rx = Some(arx);
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, "audio cannot be converted to AAC; serving video only")
+                                }
+                            }
+                        }
+                    }
+                    if let Some(c) = &audio_conv {
+                        info.audio = Some(c.config.clone());
+                    }
                     if info.video.is_none() {
                         continue;
                     }
@@ -297,6 +340,8 @@ impl Origin {
                                 l.push(&f);
                             }
                             o.renditions[0].push(f, &self.metrics);
+                        } else if let Some(c) = &audio_conv {
+                            c.push(f);
                         } else {
                             // Audio is passed through into every rendition.
                             for r in &o.renditions {

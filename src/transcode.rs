@@ -10,7 +10,9 @@
 //! GAP parts). Both are logged and counted.
 
 use crate::config::TranscodeConfig;
-use crate::media::{Frame, StreamInfo, TrackKind, VideoCodec, VideoConfig};
+use crate::media::{
+    AudioCodec, AudioConfig, Frame, StreamInfo, TrackKind, VideoCodec, VideoConfig,
+};
 use crate::telemetry::CoreMetrics;
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
@@ -558,6 +560,160 @@ impl Encoder {
             }
         }
     }
+}
+
+/// Encodes a non-AAC audio track (MP3) to AAC, on its own thread: LL-HLS players expect AAC in
+/// CMAF. The AAC configuration is known as soon as the encoder opens, so the packagers never
+/// see the original codec.
+pub struct AudioToAac {
+    input: SyncSender<Frame>,
+    /// The AAC configuration every rendition carries.
+    pub config: AudioConfig,
+}
+
+impl AudioToAac {
+    /// Opens the AAC encoder for `src` and starts the conversion; encoded frames go to `out`.
+    pub fn start(src: &AudioConfig, out: tokio::sync::mpsc::Sender<Frame>) -> Result<Self> {
+        let id = match src.codec {
+            AudioCodec::Mp3 => ff::codec::Id::MP3,
+            AudioCodec::Aac => return Err(anyhow!("already AAC")),
+        };
+        ff::init().context("initialising FFmpeg")?;
+        ff::util::log::set_level(ff::util::log::Level::Error);
+        let rate = src.sample_rate.clamp(8000, 96_000);
+        let channels = i32::from(src.channels.clamp(1, 2));
+        let layout = ff::ChannelLayout::default(channels);
+        let planar = ff::format::Sample::F32(ff::format::sample::Type::Planar);
+        let codec =
+            ff::encoder::find(ff::codec::Id::AAC).ok_or_else(|| anyhow!("no AAC encoder"))?;
+        let mut e = ff::codec::context::Context::new_with_codec(codec)
+            .encoder()
+            .audio()?;
+        e.set_rate(rate as i32);
+        e.set_channel_layout(layout);
+        e.set_format(planar);
+        e.set_bit_rate(128_000);
+        e.set_time_base((1, rate as i32));
+        e.set_flags(ff::codec::Flags::GLOBAL_HEADER);
+        let enc = e.open_as(codec).context("opening the AAC encoder")?;
+        // SAFETY: reading the AudioSpecificConfig FFmpeg filled in at open (GLOBAL_HEADER).
+        let asc = unsafe {
+            let c = enc.as_ptr();
+            std::slice::from_raw_parts((*c).extradata, (*c).extradata_size.max(0) as usize).to_vec()
+        };
+        if asc.len() < 2 {
+            return Err(anyhow!("the AAC encoder gave no AudioSpecificConfig"));
+        }
+        let config = AudioConfig {
+            codec: AudioCodec::Aac,
+            config: Bytes::from(asc),
+            sample_rate: rate,
+            channels: channels as u8,
+        };
+        let (tx, rx) = sync_channel::<Frame>(256);
+        std::thread::Builder::new()
+            .name("audio-aac".into())
+            .spawn(move || {
+                if let Err(e) = audio_loop(id, enc, rate, layout, rx, out) {
+                    warn!(error = %e, "audio conversion stopped");
+                }
+            })
+            .context("spawning the audio thread")?;
+        Ok(AudioToAac { input: tx, config })
+    }
+
+    /// Queues a source audio frame without blocking (dropped if the converter is far behind).
+    pub fn push(&self, f: Frame) {
+        let _ = self.input.try_send(f);
+    }
+}
+
+fn audio_loop(
+    id: ff::codec::Id,
+    mut enc: ff::encoder::Audio,
+    rate: u32,
+    layout: ff::ChannelLayout,
+    input: Receiver<Frame>,
+    out: tokio::sync::mpsc::Sender<Frame>,
+) -> Result<()> {
+    let codec = ff::decoder::find(id).ok_or_else(|| anyhow!("no decoder for the source audio"))?;
+    let mut dec = ff::codec::context::Context::new_with_codec(codec)
+        .decoder()
+        .audio()?;
+    dec.set_packet_time_base((1, 1000));
+    let planar = ff::format::Sample::F32(ff::format::sample::Type::Planar);
+    let channels = layout.channels() as usize;
+    let mut resampler: Option<ff::software::resampling::Context> = None;
+    // Samples waiting to fill a 1024-sample AAC frame, per channel.
+    let mut fifo: Vec<Vec<f32>> = vec![vec![]; channels];
+    let mut base_ms: Option<i64> = None;
+    let mut sent: i64 = 0;
+    let mut decoded = ff::frame::Audio::empty();
+    let mut pkt_out = ff::Packet::empty();
+    while let Ok(f) = input.recv() {
+        let arrival = f.arrival_us;
+        base_ms.get_or_insert(f.dts);
+        let mut pkt = ff::Packet::copy(&f.data);
+        pkt.set_pts(Some(f.dts));
+        pkt.set_dts(Some(f.dts));
+        if dec.send_packet(&pkt).is_err() {
+            continue;
+        }
+        while dec.receive_frame(&mut decoded).is_ok() {
+            if decoded.channel_layout().is_empty() {
+                decoded
+                    .set_channel_layout(ff::ChannelLayout::default(i32::from(decoded.channels())));
+            }
+            let rs = match &mut resampler {
+                Some(r) => r,
+                slot => slot.insert(ff::software::resampling::Context::get(
+                    decoded.format(),
+                    decoded.channel_layout(),
+                    decoded.rate(),
+                    planar,
+                    layout,
+                    rate,
+                )?),
+            };
+            let mut converted = ff::frame::Audio::empty();
+            if rs.run(&decoded, &mut converted).is_err() {
+                continue;
+            }
+            for (c, q) in fifo.iter_mut().enumerate() {
+                q.extend_from_slice(&converted.plane::<f32>(c)[..converted.samples()]);
+            }
+            while fifo[0].len() >= 1024 {
+                let mut frame = ff::frame::Audio::new(planar, 1024, layout);
+                frame.set_rate(rate);
+                for (c, q) in fifo.iter_mut().enumerate() {
+                    frame.plane_mut::<f32>(c)[..1024].copy_from_slice(&q[..1024]);
+                    q.drain(..1024);
+                }
+                frame.set_pts(Some(sent));
+                sent += 1024;
+                if enc.send_frame(&frame).is_err() {
+                    continue;
+                }
+                while enc.receive_packet(&mut pkt_out).is_ok() {
+                    let Some(data) = pkt_out.data() else { continue };
+                    let pts = pkt_out.pts().unwrap_or(0).max(0);
+                    let ms = base_ms.unwrap_or(0) + pts * 1000 / i64::from(rate);
+                    let frame = Frame {
+                        track: TrackKind::Audio,
+                        dts: ms,
+                        pts: ms,
+                        keyframe: true,
+                        arrival_us: arrival,
+                        data: Bytes::copy_from_slice(data),
+                    };
+                    if out.blocking_send(frame).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -296,10 +296,24 @@ fn the_ladder_is_keyframe_aligned_and_complete() {
 fn encode(out: &std::path::Path, size: &str, secs: u32) {
     let ok = std::process::Command::new("ffmpeg")
         .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
-        .args(["-f", "lavfi", "-i", &format!("testsrc2=size={size}:rate=30")])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            &format!("testsrc2=size={size}:rate=30"),
+        ])
         .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
         .args(["-t", &secs.to_string(), "-map", "0:v", "-map", "1:a"])
-        .args(["-c:v", "libx264", "-preset", "ultrafast", "-g", "30", "-bf", "0"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "30",
+            "-bf",
+            "0",
+        ])
         .args(["-c:a", "aac", "-f", "flv"])
         .arg(out)
         .status()
@@ -345,14 +359,25 @@ fn a_new_sequence_header_restarts_the_ladder_with_a_discontinuity() {
     };
     for r in ["src", "360p"] {
         let pl = ended(r);
-        assert_eq!(pl.matches("#EXT-X-DISCONTINUITY\n").count(), 1, "{r}:\n{pl}");
+        assert_eq!(
+            pl.matches("#EXT-X-DISCONTINUITY\n").count(),
+            1,
+            "{r}:\n{pl}"
+        );
         let maps: std::collections::HashSet<&str> = pl
             .lines()
             .filter_map(|l| l.strip_prefix("#EXT-X-MAP:URI="))
             .collect();
-        assert_eq!(maps.len(), 2, "{r}: a new init segment after the change:\n{pl}");
+        assert_eq!(
+            maps.len(),
+            2,
+            "{r}: a new init segment after the change:\n{pl}"
+        );
         let after = pl.split("#EXT-X-DISCONTINUITY\n").nth(1).unwrap();
-        assert!(after.matches("#EXTINF").count() >= 2, "{r}: media after the change:\n{pl}");
+        assert!(
+            after.matches("#EXTINF").count() >= 2,
+            "{r}: media after the change:\n{pl}"
+        );
     }
     let (_, master) = text(origin, "/live/demo/master.m3u8");
     assert!(master.contains("RESOLUTION=960x540"), "{master}");
@@ -367,9 +392,74 @@ fn a_new_sequence_header_restarts_the_ladder_with_a_discontinuity() {
         .trim_end_matches('"');
     let (_, _, mut all) = http_get_full(origin, &format!("/live/demo/360p/{map}")).unwrap();
     for (_, uri) in segments(after) {
-        all.extend(http_get_full(origin, &format!("/live/demo/360p/{uri}")).unwrap().2);
+        all.extend(
+            http_get_full(origin, &format!("/live/demo/360p/{uri}"))
+                .unwrap()
+                .2,
+        );
     }
     let f = env.path().join("after.mp4");
     std::fs::write(&f, all).unwrap();
     assert!(ffprobe(&f, "stream=width,height").contains("640,360"));
+}
+
+/// MP3 audio from the publisher is served as AAC (what LL-HLS players decode in CMAF).
+#[test]
+fn mp3_audio_is_served_as_aac() {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "");
+    let origin = core.addr("origin");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let ok = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
+        .args(["-t", "8", "-map", "0:v", "-map", "1:a"])
+        .args(["-c:v", "libx264", "-preset", "ultrafast", "-g", "60"])
+        .args(["-c:a", "libmp3lame", "-b:a", "128k", "-f", "flv", &url])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let pl = wait_for("EXT-X-ENDLIST", Duration::from_secs(20), || {
+        let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+        pl.contains("#EXT-X-ENDLIST").then_some(pl)
+    });
+    let (_, master) = text(origin, "/live/demo/master.m3u8");
+    assert!(master.contains("mp4a.40.2"), "{master}");
+    let map = pl
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-MAP:URI=\""))
+        .unwrap()
+        .trim_end_matches('"');
+    let (_, _, mut all) = http_get_full(origin, &format!("/live/demo/src/{map}")).unwrap();
+    for (_, uri) in segments(&pl) {
+        all.extend(
+            http_get_full(origin, &format!("/live/demo/src/{uri}"))
+                .unwrap()
+                .2,
+        );
+    }
+    let f = env.path().join("mp3.mp4");
+    std::fs::write(&f, all).unwrap();
+    let streams = ffprobe(&f, "stream=codec_name");
+    assert!(streams.contains("aac"), "{streams}");
+    let packets = ffprobe(&f, "packet=codec_type");
+    let audio = packets.lines().filter(|l| *l == "audio").count();
+    // 8 s of 44.1 kHz audio in 1024-sample AAC frames is about 344.
+    assert!(audio > 300, "{audio} audio packets");
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-v", "error", "-nostdin", "-i"])
+        .arg(&f)
+        .args(["-f", "null", "-"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
