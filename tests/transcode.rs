@@ -463,3 +463,56 @@ fn mp3_audio_is_served_as_aac() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A ladder the core cannot run in real time (x264 veryslow): the most expensive rendition is
+/// shed (counted, its playlist ended, left out of the multivariant playlist) while the source
+/// stays live and real time.
+#[test]
+fn a_ladder_that_cannot_keep_up_sheds_its_most_expensive_rendition() {
+    let env = Env::new();
+    let ladder = "[transcode]\npreset = \"veryslow\"\n[[transcode.renditions]]\nname = \"540p\"\nheight = 540\nvideo_kbps = 2000\n[[transcode.renditions]]\nname = \"360p\"\nheight = 360\nvideo_kbps = 800\n";
+    let core = start_core_with_origin(&env, "core-1", ladder);
+    let origin = core.addr("origin");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let mut ff = ffmpeg_publish(&url, 40, "1280x720", None);
+    let admin = core.addr("admin");
+    wait_for("540p shed", Duration::from_secs(30), || {
+        (metric(
+            admin,
+            "livepop_transcode_shed_total{rendition=\"540p\",stream=\"demo\"}",
+        ) >= 1.0)
+            .then_some(())
+    });
+    let (_, pl) = text(origin, "/live/demo/540p/index.m3u8");
+    assert!(pl.contains("#EXT-X-ENDLIST"), "{pl}");
+    let (_, master) = text(origin, "/live/demo/master.m3u8");
+    assert!(!master.contains("540p/index.m3u8"), "{master}");
+    // The source keeps up: its next part is published within a second of being asked for.
+    for _ in 0..3 {
+        let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
+        let hint = pl
+            .lines()
+            .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"s"))
+            .expect("the source is live")
+            .trim_end_matches(".m4s\"")
+            .to_string();
+        let (m, p) = hint.split_once('.').unwrap();
+        let t = std::time::Instant::now();
+        let (s, _) = text(
+            origin,
+            &format!("/live/demo/src/index.m3u8?_HLS_msn={m}&_HLS_part={p}"),
+        );
+        assert_eq!(s, 200);
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "source part took {:?}",
+            t.elapsed()
+        );
+    }
+    let _ = ff.kill();
+    let _ = ff.wait();
+}
