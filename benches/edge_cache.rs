@@ -23,16 +23,7 @@ use tokio::sync::{mpsc, watch};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::Proc;
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
+use common::{arg, preload_hint as hint, Proc};
 
 fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -125,18 +116,6 @@ async fn get(
             return Ok((status, changed, body));
         }
     }
-}
-
-fn hint(pl: &str) -> Option<(u64, u64)> {
-    let uri = pl
-        .lines()
-        .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))?;
-    let stem = uri
-        .trim_end_matches('"')
-        .trim_start_matches('s')
-        .trim_end_matches(".m4s");
-    let (m, p) = stem.split_once('.')?;
-    Some((m.parse().ok()?, p.parse().ok()?))
 }
 
 fn pct(v: &[f64], q: f64) -> f64 {

@@ -15,16 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::Proc;
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::{arg, preload_hint as hint, Proc};
 
 fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -77,26 +68,14 @@ async fn get(
     Ok((status, changed, buf[head_end..head_end + len].to_vec()))
 }
 
-fn hint(pl: &str) -> Option<(u64, u64)> {
-    let uri = pl
-        .lines()
-        .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))?;
-    let stem = uri
-        .trim_end_matches('"')
-        .trim_start_matches('s')
-        .trim_end_matches(".m4s");
-    let (m, p) = stem.split_once('.')?;
-    Some((m.parse().ok()?, p.parse().ok()?))
-}
-
 fn pct(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * q).round() as usize]
 }
 
 fn main() {
-    let clients = arg("--clients", 10_000) as usize;
-    let rounds = arg("--parts", 40) as usize;
+    let clients: usize = arg("--clients", "10000").parse().unwrap();
+    let rounds: usize = arg("--parts", "40").parse().unwrap();
     let env = common::Env::new();
     let core_cfg = common::core_config_with_origin(&env, "core-1", "");
     let core = Proc::start_quiet("core", &["core", "--config", core_cfg.to_str().unwrap()]);

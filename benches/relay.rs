@@ -24,11 +24,8 @@ mod common;
 use common::Proc;
 
 fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
+    common::arg(name, &default.to_string())
+        .parse()
         .unwrap_or(default)
 }
 

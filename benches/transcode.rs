@@ -23,15 +23,7 @@ use std::time::{Duration, Instant};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
+use common::arg;
 
 const RUNGS: [(&str, u32, u32, u32); 2] = [("480p", 854, 480, 1000), ("360p", 640, 360, 600)];
 

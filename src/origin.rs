@@ -101,6 +101,23 @@ impl Rendition {
         });
     }
 
+    /// Continues after a discontinuity with the stream's new configuration. A transcoded
+    /// rendition forgets its video configuration until its new encoder reports one, so that no
+    /// frame (audio arrives first) builds an init segment from the source's.
+    fn restart(&self, info: &StreamInfo, epoch: u64) {
+        let own = if self.name == SOURCE {
+            info.clone()
+        } else {
+            StreamInfo {
+                video: None,
+                ..info.clone()
+            }
+        };
+        self.lock().restart(own.clone(), epoch, now_ms());
+        *self.info.lock().unwrap_or_else(|p| p.into_inner()) = own;
+        self.bump();
+    }
+
     /// Pushes a frame; on a new part, records its delay and wakes waiters.
     fn push(&self, f: crate::media::Frame, metrics: &CoreMetrics) {
         let arrival = {
@@ -293,12 +310,7 @@ impl Origin {
                         }
                         Some(o) if changed => {
                             for r in &o.renditions {
-                                r.lock().restart(info.clone(), stream.epoch, now_ms());
-                                if r.name == SOURCE {
-                                    *r.info.lock().unwrap_or_else(|p| p.into_inner()) =
-                                        info.clone();
-                                }
-                                r.bump();
+                                r.restart(&info, stream.epoch);
                             }
                             o.clone()
                         }
@@ -423,9 +435,7 @@ impl Origin {
         if let Some(o) = m.get(&stream.name) {
             *o.epoch.lock().unwrap_or_else(|p| p.into_inner()) = stream.epoch;
             for r in &o.renditions {
-                r.lock().restart(info.clone(), stream.epoch, now_ms());
-                *r.info.lock().unwrap_or_else(|p| p.into_inner()) = info.clone();
-                r.bump();
+                r.restart(&info, stream.epoch);
             }
             info!("stream published again: continuing its playlist after a discontinuity");
             return o.clone();
@@ -631,7 +641,8 @@ impl Origin {
                 let info = r.info.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let p = r.lock();
                 // Renditions with media only: a stopped or not yet started one is left out.
-                if p.playlist.last_part().is_none()
+                if info.video.is_none()
+                    || p.playlist.last_part().is_none()
                     || (r.name != SOURCE
                         && p.playlist.ended
                         && !o.renditions[0].lock().playlist.ended)

@@ -188,17 +188,26 @@ impl Ladder {
         for (i, r) in rungs.iter().enumerate() {
             let (tx, rx) = sync_channel::<Decoded>(ENCODE_QUEUE);
             enc_txs.push(tx);
-            let enc = Encoder::open(r, fps, cfg)
-                .with_context(|| format!("opening the {} encoder", r.name))?;
-            let _ = out.try_send(Output::Config(i, enc.config.clone()));
             let out = out.clone();
             let m = metrics.clone();
             let name = stream.to_string();
-            let rname = r.name.clone();
+            let rung = r.clone();
+            let cfg = cfg.clone();
             let stop_i = stop[i].clone();
+            // Opening x264 takes a while (and is FFmpeg work): on the encoder's own thread.
             std::thread::Builder::new()
-                .name(format!("enc-{rname}"))
-                .spawn(move || enc.run(i, rx, out, m, &name, &rname, stop_i))
+                .name(format!("enc-{}", r.name))
+                .spawn(move || match Encoder::open(&rung, fps, &cfg) {
+                    Ok(enc) => {
+                        if out.blocking_send(Output::Config(i, enc.config.clone())).is_ok() {
+                            enc.run(i, rx, out, m, &name, &rung.name, stop_i);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(stream = %name, rendition = %rung.name, error = %e, "cannot open the encoder");
+                        let _ = out.blocking_send(Output::Stopped(i));
+                    }
+                })
                 .context("spawning an encoder thread")?;
         }
         let record = v.record.clone();

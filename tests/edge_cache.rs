@@ -47,20 +47,6 @@ fn text(addr: SocketAddr, path: &str) -> (u16, String) {
     (s, String::from_utf8_lossy(&b).to_string())
 }
 
-fn hint(pl: &str) -> (u64, u64) {
-    let uri = pl
-        .lines()
-        .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))
-        .unwrap_or_else(|| panic!("no preload hint in\n{pl}"))
-        .trim_end_matches('"');
-    let (m, p) = uri
-        .trim_start_matches('s')
-        .trim_end_matches(".m4s")
-        .split_once('.')
-        .unwrap();
-    (m.parse().unwrap(), p.parse().unwrap())
-}
-
 /// Requests the core's origin logged for exactly `uri`.
 fn origin_requests(core: &Proc, uri: &str) -> usize {
     core.logs()
@@ -173,14 +159,7 @@ fn one_origin_request_per_object_for_1000_viewers() {
     let (answers, all_sent) = fan_out(http, paths);
     assert_identical(&answers, "blocking reload");
     // Every request was waiting before the core completed the part.
-    let changed: u64 = answers[0]
-        .head
-        .lines()
-        .find_map(|l| l.strip_prefix("livepop-changed-us: "))
-        .expect("livepop-changed-us")
-        .trim()
-        .parse()
-        .unwrap();
+    let changed = header_num(&answers[0].head, "livepop-changed-us").expect("livepop-changed-us");
     assert!(
         all_sent < changed,
         "the part existed before all requests were in; the test proves nothing"

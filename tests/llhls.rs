@@ -54,33 +54,6 @@ fn master(origin: SocketAddr) -> String {
     })
 }
 
-fn hint(pl: &str) -> (u64, u64) {
-    let uri = pl
-        .lines()
-        .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))
-        .expect("preload hint")
-        .trim_end_matches('"');
-    let stem = uri.trim_start_matches('s').trim_end_matches(".m4s");
-    let (m, p) = stem.split_once('.').unwrap();
-    (m.parse().unwrap(), p.parse().unwrap())
-}
-
-fn complete_segments(pl: &str) -> Vec<(f64, String)> {
-    let lines: Vec<&str> = pl.lines().collect();
-    lines
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| {
-            let d = l
-                .strip_prefix("#EXTINF:")?
-                .trim_end_matches(',')
-                .parse()
-                .ok()?;
-            Some((d, lines[i + 1].to_string()))
-        })
-        .collect()
-}
-
 /// (duration, uri) of every part tag.
 fn parts(pl: &str) -> Vec<(f64, String, bool)> {
     pl.lines()
@@ -351,13 +324,7 @@ fn blocking_reload_and_preload_hint_are_answered_when_the_part_exists() {
             ),
         );
         assert_eq!(s, 200);
-        let changed: u64 = head
-            .lines()
-            .find_map(|l| l.strip_prefix("livepop-changed-us: "))
-            .expect("livepop-changed-us")
-            .trim()
-            .parse()
-            .unwrap();
+        let changed = header_num(&head, "livepop-changed-us").expect("livepop-changed-us");
         let arrived = now_us();
         stamps.push(changed);
         if sent < changed {

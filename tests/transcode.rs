@@ -28,23 +28,6 @@ fn text(addr: SocketAddr, path: &str) -> (u16, String) {
     (s, String::from_utf8_lossy(&b).to_string())
 }
 
-/// (EXTINF duration, URI) of each complete segment.
-fn segments(pl: &str) -> Vec<(f64, String)> {
-    let lines: Vec<&str> = pl.lines().collect();
-    lines
-        .iter()
-        .enumerate()
-        .filter_map(|(i, l)| {
-            let d = l
-                .strip_prefix("#EXTINF:")?
-                .trim_end_matches(',')
-                .parse()
-                .ok()?;
-            Some((d, lines.get(i + 1)?.to_string()))
-        })
-        .collect()
-}
-
 /// The first tfdt of the video track (track 1) in a fragment, in seconds.
 fn first_tfdt(b: &[u8]) -> Option<f64> {
     fn walk(b: &[u8], track: &mut u32) -> Option<u64> {
@@ -151,13 +134,7 @@ fn the_ladder_is_keyframe_aligned_and_complete() {
     let pt = 0.2 + 0.02;
     for _ in 0..5 {
         let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
-        let hint = pl
-            .lines()
-            .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"s"))
-            .unwrap()
-            .trim_end_matches(".m4s\"")
-            .to_string();
-        let (m, p) = hint.split_once('.').unwrap();
+        let (m, p) = hint(&pl);
         let path = format!("index.m3u8?_HLS_msn={m}&_HLS_part={p}");
         let waits: Vec<_> = ["src", "480p", "360p"]
             .iter()
@@ -166,10 +143,7 @@ fn the_ladder_is_keyframe_aligned_and_complete() {
                 std::thread::spawn(move || {
                     let (s, head, _) = http_get_full(origin, &path).unwrap();
                     assert_eq!(s, 200);
-                    head.lines()
-                        .find_map(|l| l.strip_prefix("livepop-changed-us: "))
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .unwrap()
+                    header_num(&head, "livepop-changed-us").unwrap()
                 })
             })
             .collect();
@@ -189,7 +163,7 @@ fn the_ladder_is_keyframe_aligned_and_complete() {
     let playlists: Vec<String> = renditions.iter().map(|r| ended(r)).collect();
 
     // Same segments (MSN) in every rendition, each starting at the same media time (±1 ms).
-    let segs: Vec<Vec<(f64, String)>> = playlists.iter().map(|p| segments(p)).collect();
+    let segs: Vec<Vec<(f64, String)>> = playlists.iter().map(|p| complete_segments(p)).collect();
     assert!(segs[0].len() >= 8, "{}", playlists[0]);
     for (r, s) in renditions.iter().zip(&segs).skip(1) {
         let uris: Vec<&String> = s.iter().map(|x| &x.1).collect();
@@ -207,7 +181,7 @@ fn the_ladder_is_keyframe_aligned_and_complete() {
         assert_eq!(s, 200);
         let mut all = init;
         let mut starts = vec![];
-        for (_, uri) in segments(pl) {
+        for (_, uri) in complete_segments(pl) {
             let (s, _, seg) = http_get_full(origin, &format!("/live/demo/{r}/{uri}")).unwrap();
             assert_eq!(s, 200, "{r}/{uri}");
             starts.push(first_tfdt(&seg).expect("tfdt"));
@@ -391,7 +365,7 @@ fn a_new_sequence_header_restarts_the_ladder_with_a_discontinuity() {
         .unwrap()
         .trim_end_matches('"');
     let (_, _, mut all) = http_get_full(origin, &format!("/live/demo/360p/{map}")).unwrap();
-    for (_, uri) in segments(after) {
+    for (_, uri) in complete_segments(after) {
         all.extend(
             http_get_full(origin, &format!("/live/demo/360p/{uri}"))
                 .unwrap()
@@ -436,7 +410,7 @@ fn mp3_audio_is_served_as_aac() {
         .unwrap()
         .trim_end_matches('"');
     let (_, _, mut all) = http_get_full(origin, &format!("/live/demo/src/{map}")).unwrap();
-    for (_, uri) in segments(&pl) {
+    for (_, uri) in complete_segments(&pl) {
         all.extend(
             http_get_full(origin, &format!("/live/demo/src/{uri}"))
                 .unwrap()
@@ -494,13 +468,7 @@ fn a_ladder_that_cannot_keep_up_sheds_its_most_expensive_rendition() {
     // The source keeps up: its next part is published within a second of being asked for.
     for _ in 0..3 {
         let (_, pl) = text(origin, "/live/demo/src/index.m3u8");
-        let hint = pl
-            .lines()
-            .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"s"))
-            .expect("the source is live")
-            .trim_end_matches(".m4s\"")
-            .to_string();
-        let (m, p) = hint.split_once('.').unwrap();
+        let (m, p) = hint(&pl);
         let t = std::time::Instant::now();
         let (s, _) = text(
             origin,

@@ -11,6 +11,62 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_livepop");
 
+/// The value of `--name` on the command line (benchmarks), or `default`.
+pub fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// (msn, part) of the part an LL-HLS playlist's EXT-X-PRELOAD-HINT names.
+pub fn preload_hint(pl: &str) -> Option<(u64, u64)> {
+    let uri = pl
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\""))?
+        .trim_end_matches('"');
+    let (m, p) = uri
+        .trim_start_matches('s')
+        .trim_end_matches(".m4s")
+        .split_once('.')?;
+    Some((m.parse().ok()?, p.parse().ok()?))
+}
+
+/// Like `preload_hint`, for tests: the playlist must have one.
+pub fn hint(pl: &str) -> (u64, u64) {
+    preload_hint(pl).unwrap_or_else(|| panic!("no preload hint in\n{pl}"))
+}
+
+/// (EXTINF duration, URI) of each complete segment of a media playlist.
+pub fn complete_segments(pl: &str) -> Vec<(f64, String)> {
+    let lines: Vec<&str> = pl.lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let d = l
+                .strip_prefix("#EXTINF:")?
+                .trim_end_matches(',')
+                .parse()
+                .ok()?;
+            Some((d, lines.get(i + 1)?.to_string()))
+        })
+        .collect()
+}
+
+/// A numeric header of a response head (`name` in lower case, e.g. "livepop-changed-us").
+pub fn header_num(head: &str, name: &str) -> Option<u64> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().parse().ok())
+            .flatten()
+    })
+}
+
 /// Polls `f` until it returns Some or the deadline passes.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
