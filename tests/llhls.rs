@@ -513,8 +513,8 @@ fn publishing_again_continues_after_a_discontinuity() {
     assert!(wait_child(&mut again, Duration::from_secs(30)));
 }
 
-/// A raw publisher sends 12 s of media at once and then stalls (connection open): the playlist
-/// stops growing, so holds time out; then it disconnects and the playlist ends.
+/// A raw publisher sends 12 s of media (at 4x real time) and then stalls (connection open): the
+/// playlist stops growing, so holds time out; then it disconnects and the playlist ends.
 #[test]
 fn request_rules_on_a_stalled_then_ended_stream() {
     let env = Env::new();
@@ -530,18 +530,27 @@ fn request_rules_on_a_stalled_then_ended_stream() {
     let src = env.path().join("src.flv");
     encode_flv(&src, 12);
     let mut p = RawPublisher::publish(edge.addr("rtmp"), "demo-key");
-    let mut wire = vec![];
-    for (kind, ts, body) in flv_tags(&src) {
-        wire.extend(livepop::ingest::chunk::write::message(
-            if kind == 9 { 6 } else { 4 },
-            ts,
-            kind,
-            1,
-            &body,
-            RAW_CHUNK,
-        ));
-    }
-    assert!(p.send(&wire));
+    let tags = flv_tags(&src);
+    // AVC NALU packets (AVCPacketType 1): not the sequence header nor the end of sequence.
+    let video_frames = tags
+        .iter()
+        .filter(|t| t.0 == 9 && t.2.get(1) == Some(&1))
+        .count();
+    let paced: Vec<(u32, Vec<u8>)> = tags
+        .into_iter()
+        .map(|(kind, ts, body)| {
+            let csid = if kind == 9 { 6 } else { 4 };
+            let wire = livepop::ingest::chunk::write::message(csid, ts, kind, 1, &body, RAW_CHUNK);
+            (ts, wire)
+        })
+        .collect();
+    // Paced (4x real time) so that every group reaches the core (the relay sends newest first).
+    send_paced(&mut p, &paced, 4);
+    // Once every frame is in, the playlist can only stall: the rules below see a fixed state.
+    wait_for("every frame at the core", Duration::from_secs(20), || {
+        (metric(core.addr("admin"), &frames_metric("demo", "video")) >= video_frames as f64)
+            .then_some(())
+    });
     let pl = wait_for("10 complete segments", Duration::from_secs(20), || {
         let (s, pl) = text(origin, "/live/demo/src/index.m3u8");
         (s == 200 && complete_segments(&pl).len() >= 10).then_some(pl)
