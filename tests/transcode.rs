@@ -267,34 +267,6 @@ fn the_ladder_is_keyframe_aligned_and_complete() {
     assert!(fin >= 590.0, "only {fin} frames in 20 s at 30 fps");
 }
 
-fn encode(out: &std::path::Path, size: &str, secs: u32) {
-    let ok = std::process::Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
-        .args([
-            "-f",
-            "lavfi",
-            "-i",
-            &format!("testsrc2=size={size}:rate=30"),
-        ])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-        .args(["-t", &secs.to_string(), "-map", "0:v", "-map", "1:a"])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "30",
-            "-bf",
-            "0",
-        ])
-        .args(["-c:a", "aac", "-f", "flv"])
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 /// A new sequence header mid-stream (the publisher switches from 720p to 540p) restarts the
 /// ladder: every rendition continues after EXT-X-DISCONTINUITY with a new init segment, and the
 /// multivariant playlist describes the new source.
@@ -309,8 +281,8 @@ fn a_new_sequence_header_restarts_the_ladder_with_a_discontinuity() {
         &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
     );
     let (a, b) = (env.path().join("a.flv"), env.path().join("b.flv"));
-    encode(&a, "1280x720", 6);
-    encode(&b, "960x540", 6);
+    encode_flv_sized(&a, "1280x720", 6);
+    encode_flv_sized(&b, "960x540", 6);
     let mut p = RawPublisher::publish(edge.addr("rtmp"), "demo-key");
     let mut paced = vec![];
     for (file, offset) in [(&a, 0u32), (&b, 6000u32)] {

@@ -753,9 +753,19 @@ pub fn flv_tags(file: &Path) -> Vec<(u8, u32, Vec<u8>)> {
 
 /// Encodes a small real H.264/AAC FLV file with ffmpeg (no network).
 pub fn encode_flv(out: &Path, secs: u32) {
+    encode_flv_sized(out, "320x240", secs);
+}
+
+/// Encodes `secs` of testsrc2 at `size` (30 fps, 1 s GOP, no B-frames) and a sine in AAC to FLV.
+pub fn encode_flv_sized(out: &Path, size: &str, secs: u32) {
     let ok = Command::new("ffmpeg")
         .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
-        .args(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30"])
+        .args([
+            "-f",
+            "lavfi",
+            "-i",
+            &format!("testsrc2=size={size}:rate=30"),
+        ])
         .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
         .args(["-t", &secs.to_string()])
         .args([
