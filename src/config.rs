@@ -282,6 +282,13 @@ pub struct PlaybackConfig {
     /// A viewer that accepts no response bytes for this long is disconnected (ms).
     #[serde(default = "default_write_timeout")]
     pub write_timeout_ms: u64,
+    /// Serve the player page at `/` (and the stream list at `/live/streams.json`).
+    #[serde(default = "default_true")]
+    pub player: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_cache_bytes() -> u64 {

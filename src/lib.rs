@@ -1,12 +1,14 @@
 //! livepop: a live-streaming edge PoP and regional core in one program.
 //!
-//! The edge ingests RTMP(S) and relays it over QUIC to a core; the core will package LL-HLS and
-//! the edge will cache it for viewers. See docs/architecture.md for the module map.
+//! The edge ingests RTMP(S) and relays it over QUIC to a core; the core transcodes and packages
+//! LL-HLS, and the edge caches it for viewers. `demo` runs both in one process. See
+//! docs/architecture.md for the module map.
 
 pub mod admin;
 pub mod certs;
 pub mod cmaf;
 pub mod config;
+pub mod demo;
 pub mod edge;
 pub mod fleet;
 pub mod hls;

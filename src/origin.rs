@@ -586,6 +586,7 @@ impl Origin {
         let query = req.uri().query().map(str::to_string);
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         match parts.as_slice() {
+            ["live", "streams.json"] => self.streams(),
             ["live", name, "master.m3u8"] => self.master(name).await,
             ["live", name, rend, file] => {
                 let Some(o) = self.output(name) else {
@@ -634,29 +635,51 @@ impl Origin {
                 }
             }
         }
-        let variants: Vec<Variant> = o
-            .renditions
-            .iter()
-            .filter_map(|r| {
-                let info = r.info.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let p = r.lock();
-                // Renditions with media only: a stopped or not yet started one is left out.
-                if info.video.is_none()
-                    || p.playlist.last_part().is_none()
-                    || (r.name != SOURCE
-                        && p.playlist.ended
-                        && !o.renditions[0].lock().playlist.ended)
-                {
-                    return None;
-                }
-                Some(variant(&r.name, &info, &p))
-            })
-            .collect();
         resp(
             StatusCode::OK,
             M3U8,
             "max-age=1",
-            Bytes::from(hls::render_multivariant(&variants)),
+            Bytes::from(hls::render_multivariant(&offered(&o))),
+        )
+    }
+
+    /// `/live/streams.json`: the streams this core has output for, with their renditions, for
+    /// stream pickers (the player page). Short-lived like a master playlist.
+    fn streams(&self) -> Resp {
+        let outputs: Vec<Arc<Output>> = {
+            let m = self.outputs.lock().unwrap_or_else(|p| p.into_inner());
+            m.values().cloned().collect()
+        };
+        let mut list: Vec<serde_json::Value> = outputs
+            .iter()
+            .map(|o| {
+                let live = !o.renditions[0].lock().playlist.ended;
+                let renditions: Vec<serde_json::Value> = offered(o)
+                    .iter()
+                    .map(|v| {
+                        serde_json::json!({
+                            "uri": v.uri,
+                            "width": v.resolution.map(|r| r.0),
+                            "height": v.resolution.map(|r| r.1),
+                            "bandwidth": v.bandwidth,
+                            "codecs": v.codecs,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": o.name,
+                    "live": live,
+                    "url": format!("/live/{}/master.m3u8", o.name),
+                    "renditions": renditions,
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        resp(
+            StatusCode::OK,
+            "application/json",
+            "max-age=1",
+            Bytes::from(serde_json::json!({ "streams": list }).to_string()),
         )
     }
 
@@ -830,6 +853,25 @@ fn too_far_ahead(p: &Packager, msn: u64, part: Option<u64>) -> Result<(), String
         }
     }
     Ok(())
+}
+
+/// The renditions a multivariant playlist offers: those with media (a stopped or not yet
+/// started one is left out).
+fn offered(o: &Output) -> Vec<Variant> {
+    o.renditions
+        .iter()
+        .filter_map(|r| {
+            let info = r.info.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let p = r.lock();
+            if info.video.is_none()
+                || p.playlist.last_part().is_none()
+                || (r.name != SOURCE && p.playlist.ended && !o.renditions[0].lock().playlist.ended)
+            {
+                return None;
+            }
+            Some(variant(&r.name, &info, &p))
+        })
+        .collect()
 }
 
 fn variant(name: &str, info: &StreamInfo, p: &Packager) -> Variant {

@@ -8,6 +8,7 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod storage;
+pub mod web;
 
 use crate::config::{EdgeRelayConfig, PlaybackConfig};
 use crate::shutdown::Shutdown;
@@ -51,6 +52,7 @@ pub async fn start(
         upstream_timeout: Duration::from_millis(cfg.upstream_timeout_ms),
         write_timeout: Duration::from_millis(cfg.write_timeout_ms),
         idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+        player: cfg.player,
     };
     let conf = Arc::new(ServerConf {
         // Kept-alive connections to the origins, enough for many streams' blocking requests.

@@ -9,6 +9,7 @@
 
 use super::policy::{self, Playback, Refused};
 use super::storage::MokaStorage;
+use super::web;
 use crate::telemetry::EdgeMetrics;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -37,6 +38,8 @@ pub struct ProxySettings {
     pub write_timeout: Duration,
     /// Keep-alive idle timeout for viewer connections.
     pub idle_timeout: Duration,
+    /// Serve the player page at `/`.
+    pub player: bool,
 }
 
 /// The edge's caching proxy.
@@ -46,6 +49,7 @@ pub struct EdgeProxy {
     settings: ProxySettings,
     health: Health,
     metrics: EdgeMetrics,
+    directory: web::Directory,
 }
 
 /// Per-request state.
@@ -72,6 +76,7 @@ impl EdgeProxy {
         EdgeProxy {
             storage,
             lock,
+            directory: web::Directory::new(settings.cores.clone(), health.clone()),
             settings,
             health,
             metrics,
@@ -99,19 +104,41 @@ impl EdgeProxy {
             .map(|(_, a)| *a)
     }
 
+    /// Counts a request the edge answered itself (page, stream list).
+    fn count_local(&self) {
+        self.metrics
+            .http_requests
+            .with_label_values(&["other", "uncached"])
+            .inc();
+    }
+
     fn kind_label(ctx: &Ctx) -> &'static str {
         ctx.playback.as_ref().map_or("other", |p| p.kind.label())
     }
 }
 
 async fn respond(session: &mut Session, status: u16, msg: &str) -> Result<()> {
-    let mut h = ResponseHeader::build(status, Some(5))?;
-    h.insert_header("content-type", "text/plain")?;
     // Refusals are answered by the edge itself and may be cached briefly downstream.
-    h.insert_header("cache-control", "max-age=1")?;
-    h.insert_header("access-control-allow-origin", "*")?;
     let body = Bytes::from(format!("{msg}\n"));
+    send(session, status, "text/plain", "max-age=1", body).await
+}
+
+/// Writes a whole response the edge makes itself (no body for HEAD).
+async fn send(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    cache_control: &str,
+    body: Bytes,
+) -> Result<()> {
+    let mut h = ResponseHeader::build(status, Some(5))?;
+    h.insert_header("content-type", content_type)?;
+    h.insert_header("cache-control", cache_control)?;
+    h.insert_header("access-control-allow-origin", "*")?;
     h.insert_header("content-length", body.len())?;
+    if session.req_header().method == http::Method::HEAD {
+        return session.write_response_header(Box::new(h), true).await;
+    }
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body), true).await
 }
@@ -153,6 +180,19 @@ impl ProxyHttp for EdgeProxy {
         }
         let path = req.uri.path().to_string();
         let query = req.uri.query().map(str::to_string);
+        if path == "/live/streams.json" {
+            self.count_local();
+            let body = self.directory.streams().await;
+            send(session, 200, "application/json", "max-age=1", body).await?;
+            return Ok(true);
+        }
+        if self.settings.player {
+            if let Some(a) = web::asset(&path) {
+                self.count_local();
+                send(session, 200, a.content_type, a.cache_control, a.body).await?;
+                return Ok(true);
+            }
+        }
         match policy::classify(&path, query.as_deref()) {
             Ok(p) => {
                 ctx.playback = Some(p);

@@ -784,3 +784,27 @@ pub fn encode_flv_sized(out: &Path, size: &str, secs: u32) {
         .unwrap();
     assert!(ok.success());
 }
+
+/// `livepop demo` with every listener on port 0 and its certificates in the test directory;
+/// `testsrc` also publishes the synthetic stream.
+pub fn start_demo(env: &Env, testsrc: bool) -> Proc {
+    let dir = env.path().join("demo");
+    let dir = dir.to_str().unwrap();
+    let mut args = vec!["demo", "--data-dir", dir];
+    for flag in [
+        "--rtmp",
+        "--rtmps",
+        "--http",
+        "--https",
+        "--origin",
+        "--relay",
+        "--edge-admin",
+        "--core-admin",
+    ] {
+        args.extend([flag, "127.0.0.1:0"]);
+    }
+    if testsrc {
+        args.extend(["--source", "testsrc"]);
+    }
+    Proc::start("demo", &args)
+}

@@ -1,0 +1,372 @@
+//! `livepop demo`: a core and an edge in one process, from the example configs in
+//! edge-config/ (compiled in), so the demo and `livepop core` + `livepop edge` behave alike.
+//! The edge still relays to the core over QUIC with mutual TLS on loopback: the demo runs the
+//! production path, not a shortcut.
+//!
+//! `--source testsrc` also publishes a test pattern with a burnt-in wall clock and a tone
+//! through the normal RTMP ingest, with the ffmpeg CLI, restarted if it exits.
+
+use crate::config::{CoreConfig, EdgeConfig};
+use crate::roles::{self, Running};
+use crate::shutdown::Shutdown;
+use anyhow::{anyhow, Context, Result};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+use tracing::{info, warn};
+
+const CORE_TOML: &str = include_str!("../edge-config/core.toml");
+const EDGE_TOML: &str = include_str!("../edge-config/edge.toml");
+/// The demo stream and its key (edge-config/edge.toml).
+pub const STREAM: &str = "demo";
+const KEY: &str = "demo-key";
+
+/// Listen addresses (defaults: the interface contract's ports) and where certificates live.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Publish a synthetic stream with the ffmpeg CLI.
+    pub testsrc: bool,
+    /// Directory for the development certificates (created if missing).
+    pub data_dir: PathBuf,
+    /// RTMP ingest.
+    pub rtmp: String,
+    /// RTMPS ingest.
+    pub rtmps: String,
+    /// Edge HTTP (player page and playback).
+    pub http: String,
+    /// Edge HTTPS.
+    pub https: String,
+    /// Core origin HTTP.
+    pub origin: String,
+    /// Core QUIC relay (UDP).
+    pub relay: String,
+    /// Edge admin.
+    pub edge_admin: String,
+    /// Core admin.
+    pub core_admin: String,
+}
+
+/// Where the demo keeps its certificates when not told: `$XDG_DATA_HOME/livepop/demo`, else
+/// `~/.local/share/livepop/demo`, else the temp directory.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("livepop/demo");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h).join(".local/share/livepop/demo");
+    }
+    std::env::temp_dir().join("livepop-demo")
+}
+
+/// The example configs with the demo's addresses; certificate paths resolve into `data_dir`.
+fn configs(o: &DemoOptions) -> Result<(CoreConfig, EdgeConfig)> {
+    // Relative paths in the examples ("dev-certs/...") resolve against the config file's
+    // directory: pretend the files live in data_dir.
+    let mut core = CoreConfig::from_str_at(&o.data_dir.join("core.toml"), CORE_TOML)?;
+    let mut edge = EdgeConfig::from_str_at(&o.data_dir.join("edge.toml"), EDGE_TOML)?;
+    core.relay.listen = o.relay.clone();
+    core.admin.listen = o.core_admin.clone();
+    let origin = core
+        .origin
+        .as_mut()
+        .ok_or_else(|| anyhow!("edge-config/core.toml has no [origin]"))?;
+    origin.listen = o.origin.clone();
+    edge.rtmp.listen = o.rtmp.clone();
+    if let Some(r) = edge.rtmps.as_mut() {
+        r.listen = o.rtmps.clone();
+    }
+    edge.admin.listen = o.edge_admin.clone();
+    let p = edge
+        .playback
+        .as_mut()
+        .ok_or_else(|| anyhow!("edge-config/edge.toml has no [playback]"))?;
+    p.listen = o.http.clone();
+    p.tls_listen = Some(o.https.clone());
+    p.player = true;
+    if !edge.auth.streams.iter().any(|s| s.name == STREAM && s.key == KEY) {
+        return Err(anyhow!("edge-config/edge.toml lost the demo stream key"));
+    }
+    Ok((core, edge))
+}
+
+/// Starts the core, then the edge pointed at the core's bound addresses, then (with
+/// `testsrc`) the synthetic publisher.
+pub async fn start(o: DemoOptions, shutdown: Shutdown) -> Result<Running> {
+    crate::certs::generate(&o.data_dir.join("dev-certs"), false)
+        .with_context(|| format!("writing demo certificates to {}", o.data_dir.display()))?;
+    let (core_cfg, mut edge_cfg) = configs(&o)?;
+    let core = roles::start_core(core_cfg, shutdown.clone()).await?;
+    let bound = |what: &str| {
+        core.addrs
+            .iter()
+            .find(|(n, _)| *n == what)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| anyhow!("the core did not bind its {what}"))
+    };
+    let (relay, origin) = (bound("relay")?, bound("origin")?);
+    let c = edge_cfg
+        .relay
+        .cores
+        .first_mut()
+        .ok_or_else(|| anyhow!("edge-config/edge.toml names no core"))?;
+    c.addr = relay.to_string();
+    c.origin = Some(origin.to_string());
+    edge_cfg.relay.cores.truncate(1);
+    let edge = roles::start_edge(edge_cfg, shutdown.clone()).await?;
+
+    let mut running = Running {
+        addrs: vec![],
+        tasks: core.tasks,
+    };
+    for (n, a) in core.addrs {
+        running.addrs.push((core_name(n), a));
+    }
+    running.addrs.extend(edge.addrs);
+    let mut edge_tasks = edge.tasks;
+    running.tasks.spawn(async move {
+        while edge_tasks.join_next().await.is_some() {}
+    });
+    let addr = |n: &str| running.addrs.iter().find(|(x, _)| *x == n).map(|(_, a)| *a);
+    let (rtmp, http) = (
+        addr("rtmp").ok_or_else(|| anyhow!("no rtmp listener"))?,
+        addr("http").ok_or_else(|| anyhow!("no http listener"))?,
+    );
+    if o.testsrc {
+        check_ffmpeg().await?;
+        let url = format!("rtmp://{rtmp}/live/{KEY}");
+        running.tasks.spawn(testsrc(url, shutdown));
+    }
+    print_banner(&running.addrs, rtmp, http, o.testsrc, &o.data_dir);
+    Ok(running)
+}
+
+/// The core's listener names, told apart from the edge's.
+fn core_name(n: &'static str) -> &'static str {
+    match n {
+        "admin" => "core-admin",
+        "relay" => "core-relay",
+        other => other,
+    }
+}
+
+fn print_banner(
+    addrs: &[(&'static str, SocketAddr)],
+    rtmp: SocketAddr,
+    http: SocketAddr,
+    testsrc: bool,
+    data_dir: &Path,
+) {
+    let a = |n: &str| {
+        addrs
+            .iter()
+            .find(|(x, _)| *x == n)
+            .map_or("-".to_string(), |(_, a)| a.to_string())
+    };
+    let source = if testsrc {
+        "publishing a test pattern (ffmpeg) as stream \"demo\""
+    } else {
+        "waiting for a publisher (OBS or ffmpeg) on the URL above"
+    };
+    let hls = if crate::edge::web::has_hls_js() {
+        String::new()
+    } else {
+        "\n  Note:     hls.js was not installed when livepop was built; the page cannot play \
+         (npm ci --prefix web, then rebuild)."
+            .to_string()
+    };
+    // stdout, not the log: this is what a newcomer reads.
+    println!(
+        "\nlivepop demo: a core and an edge in one process, {source}.\n\
+         \n  Publish:  rtmp://{rtmp}/live/{KEY}   (or rtmps://{}/live/{KEY})\
+         \n  Player:   http://{http}/\
+         \n  Playlist: http://{http}/live/{STREAM}/master.m3u8   (or https://{}/live/{STREAM}/master.m3u8)\
+         \n  Metrics:  http://{}/metrics (edge), http://{}/metrics (core)\
+         \n  Certificates: {} (dev CA: ca.pem){hls}\
+         \n  Stop with Ctrl-C.\n",
+        a("rtmps"),
+        a("https"),
+        a("admin"),
+        a("core-admin"),
+        data_dir.join("dev-certs").display(),
+    );
+}
+
+async fn check_ffmpeg() -> Result<()> {
+    let ok = tokio::process::Command::new("ffmpeg")
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if ok {
+        Ok(())
+    } else {
+        Err(anyhow!(
+            "--source testsrc needs the ffmpeg command (Debian: apt install ffmpeg)"
+        ))
+    }
+}
+
+/// The ffmpeg arguments of the synthetic stream: 1280×720 30 fps test pattern with the wall
+/// clock (UTC, ms) burnt in, a 440 Hz tone that beeps each second, H.264 with a keyframe every
+/// 2 s (the origin's target duration) and AAC, at real-time pace.
+fn testsrc_args(url: &str, start_unix_ms: u128) -> Vec<String> {
+    // The clock is the stream's pts plus the wall time at start: with -re they advance together.
+    let day_s = (start_unix_ms % 86_400_000) as f64 / 1000.0;
+    let clock = format!(
+        "drawtext=font=Mono:fontsize=56:fontcolor=white:box=1:boxcolor=black@0.6:boxborderw=12:\
+         x=(w-tw)/2:y=h-th-60:text='%{{pts\\:hms\\:{day_s:.3}}} UTC'"
+    );
+    [
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=1280x720:rate=30",
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:beep_factor=2:sample_rate=48000",
+        "-vf",
+        &clock,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-tune",
+        "zerolatency",
+        "-pix_fmt",
+        "yuv420p",
+        "-g",
+        "60",
+        "-keyint_min",
+        "60",
+        "-sc_threshold",
+        "0",
+        "-b:v",
+        "2500k",
+        "-maxrate",
+        "2500k",
+        "-bufsize",
+        "2500k",
+        "-c:a",
+        "aac",
+        "-b:a",
+        "128k",
+        "-f",
+        "flv",
+        url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Runs the synthetic publisher until shutdown, restarting it (with backoff) when it exits.
+async fn testsrc(url: String, mut shutdown: Shutdown) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let child = tokio::process::Command::new("ffmpeg")
+            .args(testsrc_args(&url, start))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot start ffmpeg for the test source");
+                return;
+            }
+        };
+        info!("test source publishing");
+        // Keep ffmpeg's last error lines for the warning if it exits.
+        let stderr = child.stderr.take();
+        let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let l2 = last.clone();
+        tokio::spawn(async move {
+            let Some(s) = stderr else { return };
+            let mut lines = tokio::io::BufReader::new(s).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                *l2.lock().unwrap_or_else(|p| p.into_inner()) = line;
+            }
+        });
+        let began = std::time::Instant::now();
+        tokio::select! {
+            _ = shutdown.wait() => {
+                let _ = child.kill().await;
+                return;
+            }
+            status = child.wait() => {
+                let last = last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                warn!(status = ?status.ok(), last_error = %last, "test source exited; restarting");
+            }
+        }
+        if began.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_secs(1);
+        }
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(dir: &Path) -> DemoOptions {
+        DemoOptions {
+            testsrc: false,
+            data_dir: dir.to_path_buf(),
+            rtmp: "127.0.0.1:1935".into(),
+            rtmps: "127.0.0.1:1936".into(),
+            http: "127.0.0.1:8080".into(),
+            https: "127.0.0.1:8443".into(),
+            origin: "127.0.0.1:8090".into(),
+            relay: "127.0.0.1:4433".into(),
+            edge_admin: "127.0.0.1:9090".into(),
+            core_admin: "127.0.0.1:9091".into(),
+        }
+    }
+
+    #[test]
+    fn the_demo_uses_the_example_configs_with_its_addresses() {
+        let dir = std::env::temp_dir().join(format!("livepop-demo-unit-{}", std::process::id()));
+        crate::certs::generate(&dir.join("dev-certs"), false).unwrap();
+        let mut o = opts(&dir);
+        o.http = "127.0.0.1:0".into();
+        let (core, edge) = configs(&o).unwrap();
+        assert_eq!(core.relay.listen, "127.0.0.1:4433");
+        assert_eq!(core.origin.unwrap().listen, "127.0.0.1:8090");
+        assert!(core.transcode.is_some(), "the demo offers a ladder");
+        let p = edge.playback.unwrap();
+        assert_eq!(p.listen, "127.0.0.1:0");
+        assert!(p.player);
+        assert_eq!(edge.relay.cert, dir.join("dev-certs/edge.pem"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_test_source_clock_starts_at_the_wall_time() {
+        // 2026-11-24 10:20:30.250 UTC
+        let ms = 1_795_861_230_250u128;
+        let args = testsrc_args("rtmp://127.0.0.1:1935/live/demo-key", ms);
+        let vf = &args[args.iter().position(|a| a == "-vf").unwrap() + 1];
+        assert!(vf.contains("hms\\:37230.250"), "{vf}");
+        assert_eq!(args.last().unwrap(), "rtmp://127.0.0.1:1935/live/demo-key");
+    }
+}

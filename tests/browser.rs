@@ -1,0 +1,116 @@
+//! The player page in a real browser: `livepop demo --source testsrc`, Debian's Chromium driven
+//! by playwright-core (web/e2e/play.mjs), hls.js in low-latency mode. Needs `npm ci --prefix web`
+//! and the chromium package (deploy/test.sh installs both). Runs alone (.config/nextest.toml):
+//! playback in real time is what is measured, so it must not share the CPU with other tests.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const PLAY_SECS: f64 = 20.0;
+
+fn artefacts() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artefacts");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
+    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web");
+    assert!(
+        web.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `npm ci --prefix web` (deploy/test.sh does)"
+    );
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).is_file(),
+        "{chromium} missing: apt install chromium (deploy/test.sh does)"
+    );
+    let env = Env::new();
+    let demo = start_demo(&env, true);
+    let http = demo.addr("http");
+
+    // The page is served by the edge and the demo stream is live with its ladder.
+    let (status, page) = http_get(http, "/").expect("page");
+    assert_eq!(status, 200);
+    assert!(page.contains("/vendor/hls.min.js"), "{page}");
+    let (status, _) = http_get(http, "/vendor/hls.min.js").expect("hls.js");
+    assert_eq!(status, 200, "hls.js was not compiled in: npm ci --prefix web, then rebuild");
+    wait_for("the demo stream with two renditions", Duration::from_secs(60), || {
+        let (s, body) = http_get(http, "/live/streams.json")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let demo = v["streams"].as_array()?.iter().find(|s| s["name"] == "demo")?.clone();
+        (s == 200 && demo["live"] == true && demo["renditions"].as_array()?.len() >= 2)
+            .then_some(())
+    });
+
+    let shot = artefacts().join("browser-player.png");
+    let _ = std::fs::remove_file(&shot);
+    let child = Command::new("node")
+        .arg(web.join("e2e/play.mjs"))
+        .arg(format!("http://{http}/?stream=demo"))
+        .arg(PLAY_SECS.to_string())
+        .arg(&shot)
+        .env("CHROMIUM", &chromium)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node (apt install nodejs)");
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    std::fs::write(artefacts().join("browser-player.json"), &text).unwrap();
+    assert!(out.status.success(), "play.mjs failed: {text}");
+    let r: serde_json::Value = serde_json::from_str(text.trim()).expect("play.mjs JSON");
+    assert!(r["failure"].is_null(), "browser run failed: {}", r["failure"]);
+    eprintln!(
+        "start-up {} s, errors {}, console {}",
+        r["startup_s"], r["errors"], r["console"]
+    );
+
+    let samples = r["samples"].as_array().unwrap();
+    assert!(samples.len() as f64 >= PLAY_SECS * 2.0, "{} samples", samples.len());
+    let times: Vec<f64> = samples
+        .iter()
+        .map(|s| s["currentTime"].as_f64().unwrap())
+        .collect();
+    // The video's clock advances with real time (a stall-free 20 s plays ~20 s).
+    let advanced = times.last().unwrap() - times[0];
+    assert!(
+        advanced >= PLAY_SECS * 0.85,
+        "currentTime advanced {advanced:.2} s in {PLAY_SECS} s"
+    );
+    assert!(times.windows(2).all(|w| w[1] >= w[0]), "currentTime went back");
+
+    // No stall after start-up longer than 0.5 s.
+    for s in r["stalls"].as_array().unwrap() {
+        let d = s["duration"].as_f64().unwrap();
+        assert!(d <= 0.5, "stall of {d:.3} s: {}", r["stalls"]);
+    }
+
+    // Latency from PROGRAM-DATE-TIME (hls.playingDate) stays under 3 s, and is measured.
+    let lat: Vec<f64> = samples.iter().filter_map(|s| s["latency"].as_f64()).collect();
+    assert!(
+        lat.len() as f64 >= samples.len() as f64 * 0.9,
+        "latency known in {} of {} samples",
+        lat.len(),
+        samples.len()
+    );
+    let max = lat.iter().cloned().fold(f64::MIN, f64::max);
+    let min = lat.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(max < 3.0, "latency up to {max:.3} s");
+    assert!(min > 0.0, "latency {min:.3} s: clock or PROGRAM-DATE-TIME wrong");
+    eprintln!("latency {min:.3}..{max:.3} s over {} samples", lat.len());
+
+    // At least two renditions offered (source and the ladder), and hls.js chose one.
+    let levels = r["levels"].as_array().unwrap();
+    assert!(levels.len() >= 2, "levels {levels:?}");
+    assert!(samples.iter().any(|s| s["level"].as_i64().unwrap_or(-1) >= 0));
+
+    let png = std::fs::metadata(&shot).expect("screenshot saved");
+    assert!(png.len() > 10_000, "screenshot of {} bytes", png.len());
+    eprintln!("screenshot: {}", shot.display());
+}

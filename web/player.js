@@ -1,0 +1,145 @@
+// livepop's player page: lists the live streams (/live/streams.json), plays one with hls.js in
+// low-latency mode (automatic ABR and a quality menu) and shows latency, buffer, rendition and
+// stalls. window.livepopStats carries the same figures for the browser test and the benchmark.
+'use strict';
+
+const $ = (id) => document.getElementById(id);
+const video = $('video');
+const stats = {
+  stream: null,
+  playing: false,
+  currentTime: 0,
+  latency: null, // seconds: now minus PROGRAM-DATE-TIME of the frame on screen
+  buffer: 0,
+  level: -1,
+  levels: [],
+  stalls: [], // { start, duration } in seconds of page time; duration null while stalled
+  errors: [],
+};
+window.livepopStats = stats;
+let hls = null;
+let stallStart = null;
+
+function message(text) {
+  $('message').hidden = !text;
+  $('message').textContent = text || '';
+}
+
+function play(name) {
+  if (stats.stream === name) return;
+  if (hls) hls.destroy();
+  Object.assign(stats, { stream: name, playing: false, level: -1, levels: [], stalls: [] });
+  stallStart = null;
+  const url = `/live/${encodeURIComponent(name)}/master.m3u8`;
+  $('url').textContent = url;
+  history.replaceState(null, '', `?stream=${encodeURIComponent(name)}`);
+  markCurrent();
+  if (typeof Hls === 'undefined') {
+    message('hls.js is not installed on this edge: run `npm ci --prefix web` and rebuild livepop.');
+    return;
+  }
+  if (!Hls.isSupported()) {
+    message('This browser has no Media Source Extensions; open the playlist URL in Safari or ffplay.');
+    return;
+  }
+  message('');
+  // Catch up (at up to 1.25× speed) to the target latency the playlist asks for (PART-HOLD-BACK)
+  // after a slow start or a stall, as LL-HLS players should.
+  hls = new Hls({ lowLatencyMode: true, backBufferLength: 30, maxLiveSyncPlaybackRate: 1.25 });
+  hls.on(Hls.Events.MANIFEST_PARSED, (_e, data) => {
+    stats.levels = data.levels.map((l) => ({ height: l.height, width: l.width, bitrate: l.bitrate, name: l.name || `${l.height}p` }));
+    const q = $('quality');
+    q.replaceChildren(new Option('Auto', '-1'));
+    data.levels.forEach((l, i) => q.add(new Option(`${l.height}p (${Math.round(l.bitrate / 1000)} kbit/s)`, String(i))));
+    video.play().catch((e) => stats.errors.push(`play: ${e.message}`));
+  });
+  hls.on(Hls.Events.LEVEL_SWITCHED, (_e, data) => { stats.level = data.level; });
+  hls.on(Hls.Events.ERROR, (_e, data) => {
+    stats.errors.push(`${data.type}: ${data.details}${data.fatal ? ' (fatal)' : ''}`);
+    if (!data.fatal) return;
+    if (data.type === Hls.ErrorTypes.MEDIA_ERROR) hls.recoverMediaError();
+    else setTimeout(() => { const n = stats.stream; stats.stream = null; play(n); }, 2000);
+  });
+  hls.loadSource(url);
+  hls.attachMedia(video);
+}
+
+$('quality').addEventListener('change', (e) => {
+  if (hls) hls.currentLevel = Number(e.target.value); // -1 is automatic
+});
+
+// A stall: the video waits for data after it has started playing.
+video.addEventListener('waiting', () => {
+  if (stats.playing && stallStart === null) {
+    stallStart = performance.now();
+    stats.stalls.push({ start: stallStart / 1000, duration: null });
+  }
+});
+video.addEventListener('playing', () => {
+  stats.playing = true;
+  if (stallStart !== null) {
+    stats.stalls[stats.stalls.length - 1].duration = (performance.now() - stallStart) / 1000;
+    stallStart = null;
+  }
+});
+
+function update() {
+  stats.currentTime = video.currentTime;
+  const b = video.buffered;
+  stats.buffer = b.length ? Math.max(0, b.end(b.length - 1) - video.currentTime) : 0;
+  const date = hls && hls.playingDate;
+  stats.latency = date && stats.playing ? (Date.now() - date.getTime()) / 1000 : null;
+  $('latency').textContent = stats.latency === null ? '–' : `${stats.latency.toFixed(2)} s`;
+  $('buffer').textContent = `${stats.buffer.toFixed(2)} s`;
+  const l = stats.levels[stats.level];
+  const auto = hls && hls.autoLevelEnabled ? ' (auto)' : '';
+  $('rendition').textContent = l ? `${l.height}p${auto}` : '–';
+  $('stalls').textContent = String(stats.stalls.length);
+}
+setInterval(update, 250);
+
+function markCurrent() {
+  for (const li of $('streams').querySelectorAll('li[data-name]')) {
+    li.classList.toggle('current', li.dataset.name === stats.stream);
+  }
+}
+
+async function refreshStreams() {
+  let list = [];
+  try {
+    const r = await fetch('/live/streams.json', { cache: 'no-store' });
+    list = (await r.json()).streams.filter((s) => s.live);
+  } catch (e) {
+    return;
+  }
+  const ul = $('streams');
+  ul.replaceChildren();
+  if (!list.length) {
+    const li = document.createElement('li');
+    li.className = 'empty';
+    li.textContent = 'none yet';
+    ul.append(li);
+  }
+  for (const s of list) {
+    const li = document.createElement('li');
+    li.dataset.name = s.name;
+    const a = document.createElement('a');
+    a.href = `?stream=${encodeURIComponent(s.name)}`;
+    a.textContent = s.name;
+    a.addEventListener('click', (e) => { e.preventDefault(); play(s.name); });
+    const info = document.createElement('span');
+    info.className = 'note';
+    info.textContent = ` ${s.renditions.length} rendition${s.renditions.length === 1 ? '' : 's'}`;
+    li.append(a, info);
+    ul.append(li);
+  }
+  markCurrent();
+  // Start on the stream named in the URL, else the first live one.
+  if (!stats.stream) {
+    const wanted = new URLSearchParams(location.search).get('stream');
+    const pick = list.find((s) => s.name === wanted) || (wanted ? null : list[0]);
+    if (pick) play(pick.name);
+  }
+}
+refreshStreams();
+setInterval(refreshStreams, 2000);
