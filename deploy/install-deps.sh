@@ -4,13 +4,23 @@
 set -euo pipefail
 
 APT_PACKAGES=(
-  ffmpeg                # the CLI: tests publish and probe with it
+  ffmpeg                # the CLI: the demo's test source, and tests publish and probe with it
+  fonts-dejavu-core     # the demo test source's burnt-in clock (ffmpeg drawtext)
   libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev
   libswscale-dev libswresample-dev   # FFmpeg libraries for ffmpeg-next (transcoding)
   clang libclang-dev pkg-config      # bindgen for ffmpeg-sys
   cmake                              # zlib-ng, built by pingora's compression dependency
   build-essential ca-certificates curl
 )
+
+# Node.js and npm install the player page's hls.js (and the browser test's playwright-core);
+# any Node.js 18 or newer will do, Debian's included.
+command -v node >/dev/null 2>&1 || APT_PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
+# The test command also needs a browser: Debian's Chromium (tests/browser.rs).
+if [ "${LIVEPOP_TEST_DEPS:-0}" = 1 ]; then
+  APT_PACKAGES+=(chromium)
+fi
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -33,3 +43,19 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
   fi
 fi
+
+# web/node_modules from web/package-lock.json: hls.js for the player page (compiled into the
+# binary by build.rs), plus playwright-core for the browser test unless --omit=dev is given.
+# Skipped when already installed from the current lock file, so cargo does not rebuild.
+install_web() {
+  local want=(web/node_modules/hls.js/dist/hls.min.js)
+  [ "${1:-}" = "--omit=dev" ] || want+=(web/node_modules/playwright-core/package.json)
+  local ok=1
+  for f in "${want[@]}"; do [ -f "$f" ] || ok=0; done
+  if [ ! -f web/node_modules/.package-lock.json ] ||
+    [ web/package-lock.json -nt web/node_modules/.package-lock.json ]; then ok=0; fi
+  if [ "$ok" = 0 ]; then
+    echo "installing web/ packages (npm ci $*)"
+    npm ci --prefix web --no-audit --no-fund "$@" >/dev/null
+  fi
+}

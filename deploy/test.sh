@@ -2,8 +2,9 @@
 # The test command: installs what is missing, checks formatting and lints, runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source deploy/install-deps.sh
+LIVEPOP_TEST_DEPS=1 source deploy/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
+install_web
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

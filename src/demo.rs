@@ -85,7 +85,12 @@ fn configs(o: &DemoOptions) -> Result<(CoreConfig, EdgeConfig)> {
     p.listen = o.http.clone();
     p.tls_listen = Some(o.https.clone());
     p.player = true;
-    if !edge.auth.streams.iter().any(|s| s.name == STREAM && s.key == KEY) {
+    if !edge
+        .auth
+        .streams
+        .iter()
+        .any(|s| s.name == STREAM && s.key == KEY)
+    {
         return Err(anyhow!("edge-config/edge.toml lost the demo stream key"));
     }
     Ok((core, edge))
@@ -125,9 +130,9 @@ pub async fn start(o: DemoOptions, shutdown: Shutdown) -> Result<Running> {
     }
     running.addrs.extend(edge.addrs);
     let mut edge_tasks = edge.tasks;
-    running.tasks.spawn(async move {
-        while edge_tasks.join_next().await.is_some() {}
-    });
+    running
+        .tasks
+        .spawn(async move { while edge_tasks.join_next().await.is_some() {} });
     let addr = |n: &str| running.addrs.iter().find(|(x, _)| *x == n).map(|(_, a)| *a);
     let (rtmp, http) = (
         addr("rtmp").ok_or_else(|| anyhow!("no rtmp listener"))?,

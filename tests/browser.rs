@@ -33,20 +33,43 @@ fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
     let env = Env::new();
     let demo = start_demo(&env, true);
     let http = demo.addr("http");
+    let rtmp = demo.addr("rtmp");
+    // The demo prints where to publish and where to watch.
+    for (what, url) in [
+        ("Publish:", format!("rtmp://{rtmp}/live/demo-key")),
+        ("Player:", format!("http://{http}/")),
+    ] {
+        demo.wait_log(Duration::from_secs(10), |v| {
+            v["raw"]
+                .as_str()
+                .is_some_and(|l| l.contains(what) && l.contains(&url))
+        });
+    }
 
     // The page is served by the edge and the demo stream is live with its ladder.
     let (status, page) = http_get(http, "/").expect("page");
     assert_eq!(status, 200);
     assert!(page.contains("/vendor/hls.min.js"), "{page}");
     let (status, _) = http_get(http, "/vendor/hls.min.js").expect("hls.js");
-    assert_eq!(status, 200, "hls.js was not compiled in: npm ci --prefix web, then rebuild");
-    wait_for("the demo stream with two renditions", Duration::from_secs(60), || {
-        let (s, body) = http_get(http, "/live/streams.json")?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let demo = v["streams"].as_array()?.iter().find(|s| s["name"] == "demo")?.clone();
-        (s == 200 && demo["live"] == true && demo["renditions"].as_array()?.len() >= 2)
-            .then_some(())
-    });
+    assert_eq!(
+        status, 200,
+        "hls.js was not compiled in: npm ci --prefix web, then rebuild"
+    );
+    wait_for(
+        "the demo stream with two renditions",
+        Duration::from_secs(60),
+        || {
+            let (s, body) = http_get(http, "/live/streams.json")?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let demo = v["streams"]
+                .as_array()?
+                .iter()
+                .find(|s| s["name"] == "demo")?
+                .clone();
+            (s == 200 && demo["live"] == true && demo["renditions"].as_array()?.len() >= 2)
+                .then_some(())
+        },
+    );
 
     let shot = artefacts().join("browser-player.png");
     let _ = std::fs::remove_file(&shot);
@@ -65,14 +88,22 @@ fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
     std::fs::write(artefacts().join("browser-player.json"), &text).unwrap();
     assert!(out.status.success(), "play.mjs failed: {text}");
     let r: serde_json::Value = serde_json::from_str(text.trim()).expect("play.mjs JSON");
-    assert!(r["failure"].is_null(), "browser run failed: {}", r["failure"]);
+    assert!(
+        r["failure"].is_null(),
+        "browser run failed: {}",
+        r["failure"]
+    );
     eprintln!(
         "start-up {} s, errors {}, console {}",
         r["startup_s"], r["errors"], r["console"]
     );
 
     let samples = r["samples"].as_array().unwrap();
-    assert!(samples.len() as f64 >= PLAY_SECS * 2.0, "{} samples", samples.len());
+    assert!(
+        samples.len() as f64 >= PLAY_SECS * 2.0,
+        "{} samples",
+        samples.len()
+    );
     let times: Vec<f64> = samples
         .iter()
         .map(|s| s["currentTime"].as_f64().unwrap())
@@ -83,7 +114,10 @@ fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
         advanced >= PLAY_SECS * 0.85,
         "currentTime advanced {advanced:.2} s in {PLAY_SECS} s"
     );
-    assert!(times.windows(2).all(|w| w[1] >= w[0]), "currentTime went back");
+    assert!(
+        times.windows(2).all(|w| w[1] >= w[0]),
+        "currentTime went back"
+    );
 
     // No stall after start-up longer than 0.5 s.
     for s in r["stalls"].as_array().unwrap() {
@@ -92,7 +126,10 @@ fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
     }
 
     // Latency from PROGRAM-DATE-TIME (hls.playingDate) stays under 3 s, and is measured.
-    let lat: Vec<f64> = samples.iter().filter_map(|s| s["latency"].as_f64()).collect();
+    let lat: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s["latency"].as_f64())
+        .collect();
     assert!(
         lat.len() as f64 >= samples.len() as f64 * 0.9,
         "latency known in {} of {} samples",
@@ -102,13 +139,18 @@ fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
     let max = lat.iter().cloned().fold(f64::MIN, f64::max);
     let min = lat.iter().cloned().fold(f64::MAX, f64::min);
     assert!(max < 3.0, "latency up to {max:.3} s");
-    assert!(min > 0.0, "latency {min:.3} s: clock or PROGRAM-DATE-TIME wrong");
+    assert!(
+        min > 0.0,
+        "latency {min:.3} s: clock or PROGRAM-DATE-TIME wrong"
+    );
     eprintln!("latency {min:.3}..{max:.3} s over {} samples", lat.len());
 
     // At least two renditions offered (source and the ladder), and hls.js chose one.
     let levels = r["levels"].as_array().unwrap();
     assert!(levels.len() >= 2, "levels {levels:?}");
-    assert!(samples.iter().any(|s| s["level"].as_i64().unwrap_or(-1) >= 0));
+    assert!(samples
+        .iter()
+        .any(|s| s["level"].as_i64().unwrap_or(-1) >= 0));
 
     let png = std::fs::metadata(&shot).expect("screenshot saved");
     assert!(png.len() > 10_000, "screenshot of {} bytes", png.len());

@@ -106,8 +106,7 @@ impl Directory {
             .filter(|(id, _)| up.is_empty() || up.contains(id))
             .map(|(_, a)| *a)
             .collect();
-        let lists =
-            futures_util::future::join_all(asked.iter().map(|a| self.fetch(*a))).await;
+        let lists = futures_util::future::join_all(asked.iter().map(|a| self.fetch(*a))).await;
         let body = Bytes::from(merge(lists.into_iter().flatten()).to_string());
         *last = Some((Instant::now(), body.clone()));
         body
