@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const PLAY_SECS: f64 = 20.0;
@@ -20,16 +19,6 @@ fn artefacts() -> PathBuf {
 
 #[test]
 fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
-    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web");
-    assert!(
-        web.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `npm ci --prefix web` (deploy/test.sh does)"
-    );
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(
-        std::path::Path::new(&chromium).is_file(),
-        "{chromium} missing: apt install chromium (deploy/test.sh does)"
-    );
     let env = Env::new();
     let demo = start_demo(&env, true);
     let http = demo.addr("http");
@@ -73,21 +62,8 @@ fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
 
     let shot = artefacts().join("browser-player.png");
     let _ = std::fs::remove_file(&shot);
-    let child = Command::new("node")
-        .arg(web.join("e2e/play.mjs"))
-        .arg(format!("http://{http}/?stream=demo"))
-        .arg(PLAY_SECS.to_string())
-        .arg(&shot)
-        .env("CHROMIUM", &chromium)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("node (apt install nodejs)");
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    std::fs::write(artefacts().join("browser-player.json"), &text).unwrap();
-    assert!(out.status.success(), "play.mjs failed: {text}");
-    let r: serde_json::Value = serde_json::from_str(text.trim()).expect("play.mjs JSON");
+    let r = play_in_browser(&format!("http://{http}/?stream=demo"), PLAY_SECS, &shot);
+    std::fs::write(artefacts().join("browser-player.json"), r.to_string()).unwrap();
     assert!(
         r["failure"].is_null(),
         "browser run failed: {}",

@@ -808,3 +808,32 @@ pub fn start_demo(env: &Env, testsrc: bool) -> Proc {
     }
     Proc::start("demo", &args)
 }
+
+/// Plays `url` (the player page) for `secs` in headless Chromium with web/e2e/play.mjs and
+/// returns its report (samples of currentTime, latency, buffer, level; stalls; levels; errors).
+/// Needs `npm ci --prefix web` and Debian's chromium (deploy/test.sh installs both).
+pub fn play_in_browser(url: &str, secs: f64, screenshot: &Path) -> serde_json::Value {
+    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web");
+    assert!(
+        web.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `npm ci --prefix web` (deploy/test.sh does)"
+    );
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).is_file(),
+        "{chromium} missing: apt install chromium (deploy/test.sh does)"
+    );
+    let out = Command::new("node")
+        .arg(web.join("e2e/play.mjs"))
+        .arg(url)
+        .arg(secs.to_string())
+        .arg(screenshot)
+        .env("CHROMIUM", &chromium)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("node (apt install nodejs)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "play.mjs failed: {text}");
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("play.mjs output {e}: {text}"))
+}
