@@ -23,28 +23,51 @@ const EDGE_TOML: &str = include_str!("../edge-config/edge.toml");
 pub const STREAM: &str = "demo";
 const KEY: &str = "demo-key";
 
-/// Listen addresses (defaults: the interface contract's ports) and where certificates live.
-#[derive(Debug, Clone)]
+/// The synthetic sources `--source` can publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// A 720p30 test pattern with the wall clock burnt in, and a tone (ffmpeg CLI).
+    Testsrc,
+}
+
+/// `livepop demo` options: listen addresses (defaults: the interface contract's ports) and
+/// where certificates live.
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
-    /// Publish a synthetic stream with the ffmpeg CLI.
-    pub testsrc: bool,
-    /// Directory for the development certificates (created if missing).
+    /// Also publish a synthetic stream through the RTMP ingest. Without it the demo waits for
+    /// OBS or ffmpeg.
+    #[arg(long, value_enum)]
+    pub source: Option<Source>,
+    /// More streams to accept, as NAME=KEY (repeatable); the demo stream is always
+    /// demo=demo-key. For load tests with several publishers.
+    #[arg(long = "key", value_name = "NAME=KEY")]
+    pub keys: Vec<String>,
+    /// Where the development certificates are kept (created on first run).
+    #[arg(long, default_value_os_t = default_data_dir())]
     pub data_dir: PathBuf,
-    /// RTMP ingest.
+    /// RTMP ingest address.
+    #[arg(long, default_value = "127.0.0.1:1935")]
     pub rtmp: String,
-    /// RTMPS ingest.
+    /// RTMPS ingest address.
+    #[arg(long, default_value = "127.0.0.1:1936")]
     pub rtmps: String,
-    /// Edge HTTP (player page and playback).
+    /// Edge HTTP address: the player page and playback.
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: String,
-    /// Edge HTTPS.
+    /// Edge HTTPS address (HTTP/2).
+    #[arg(long, default_value = "127.0.0.1:8443")]
     pub https: String,
-    /// Core origin HTTP.
+    /// Core origin address (HTTP).
+    #[arg(long, default_value = "127.0.0.1:8090")]
     pub origin: String,
-    /// Core QUIC relay (UDP).
+    /// Core relay address (QUIC, UDP).
+    #[arg(long, default_value = "127.0.0.1:4433")]
     pub relay: String,
-    /// Edge admin.
+    /// Edge admin address (/metrics, /healthz, /readyz).
+    #[arg(long, default_value = "127.0.0.1:9090")]
     pub edge_admin: String,
-    /// Core admin.
+    /// Core admin address.
+    #[arg(long, default_value = "127.0.0.1:9091")]
     pub core_admin: String,
 }
 
@@ -85,6 +108,18 @@ fn configs(o: &DemoOptions) -> Result<(CoreConfig, EdgeConfig)> {
     p.listen = o.http.clone();
     p.tls_listen = Some(o.https.clone());
     p.player = true;
+    for k in &o.keys {
+        let (name, key) = k
+            .split_once('=')
+            .filter(|(n, k)| crate::config::valid_stream_name(n) && !k.is_empty())
+            .ok_or_else(|| {
+                anyhow!("--key {k:?}: expected NAME=KEY with a valid stream name (a-z, 0-9, - _)")
+            })?;
+        edge.auth.streams.push(crate::config::StreamKeyConfig {
+            name: name.to_string(),
+            key: key.to_string(),
+        });
+    }
     if !edge
         .auth
         .streams
@@ -138,12 +173,12 @@ pub async fn start(o: DemoOptions, shutdown: Shutdown) -> Result<Running> {
         addr("rtmp").ok_or_else(|| anyhow!("no rtmp listener"))?,
         addr("http").ok_or_else(|| anyhow!("no http listener"))?,
     );
-    if o.testsrc {
+    if o.source == Some(Source::Testsrc) {
         check_ffmpeg().await?;
         let url = format!("rtmp://{rtmp}/live/{KEY}");
         running.tasks.spawn(testsrc(url, shutdown));
     }
-    print_banner(&running.addrs, rtmp, http, o.testsrc, &o.data_dir);
+    print_banner(&running.addrs, rtmp, http, o.source.is_some(), &o.data_dir);
     Ok(running)
 }
 
@@ -335,7 +370,8 @@ mod tests {
 
     fn opts(dir: &Path) -> DemoOptions {
         DemoOptions {
-            testsrc: false,
+            source: None,
+            keys: vec!["load1=secret-1".into()],
             data_dir: dir.to_path_buf(),
             rtmp: "127.0.0.1:1935".into(),
             rtmps: "127.0.0.1:1936".into(),
@@ -362,6 +398,13 @@ mod tests {
         assert_eq!(p.listen, "127.0.0.1:0");
         assert!(p.player);
         assert_eq!(edge.relay.cert, dir.join("dev-certs/edge.pem"));
+        assert!(edge
+            .auth
+            .streams
+            .iter()
+            .any(|s| s.name == "load1" && s.key == "secret-1"));
+        o.keys = vec!["bad name=x".into()];
+        assert!(configs(&o).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

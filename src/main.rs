@@ -22,45 +22,11 @@ struct Cli {
     command: Command,
 }
 
-// Parsed once at start-up: the size of the demo's variant does not matter.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run a core and an edge in one process with the example configs (edge-config/) and
     /// print the publish and player URLs. Stream "demo", key "demo-key".
-    Demo {
-        /// Also publish a synthetic stream (test pattern with a wall clock, and a tone) through
-        /// the RTMP ingest, with the ffmpeg CLI. Without it the demo waits for OBS or ffmpeg.
-        #[arg(long, value_parser = ["testsrc"])]
-        source: Option<String>,
-        /// Where the development certificates are kept (created on first run).
-        #[arg(long, default_value_os_t = livepop::demo::default_data_dir())]
-        data_dir: PathBuf,
-        /// RTMP ingest address.
-        #[arg(long, default_value = "127.0.0.1:1935")]
-        rtmp: String,
-        /// RTMPS ingest address.
-        #[arg(long, default_value = "127.0.0.1:1936")]
-        rtmps: String,
-        /// Edge HTTP address: the player page and playback.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: String,
-        /// Edge HTTPS address (HTTP/2).
-        #[arg(long, default_value = "127.0.0.1:8443")]
-        https: String,
-        /// Core origin address (HTTP).
-        #[arg(long, default_value = "127.0.0.1:8090")]
-        origin: String,
-        /// Core relay address (QUIC, UDP).
-        #[arg(long, default_value = "127.0.0.1:4433")]
-        relay: String,
-        /// Edge admin address (/metrics, /healthz, /readyz).
-        #[arg(long, default_value = "127.0.0.1:9090")]
-        edge_admin: String,
-        /// Core admin address.
-        #[arg(long, default_value = "127.0.0.1:9091")]
-        core_admin: String,
-    },
+    Demo(Box<livepop::demo::DemoOptions>),
     /// Run an edge: accept RTMP/RTMPS publishers and relay their streams to a core over QUIC.
     Edge {
         /// Edge config file (see edge-config/edge.toml).
@@ -120,32 +86,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Demo {
-            source,
-            data_dir,
-            rtmp,
-            rtmps,
-            http,
-            https,
-            origin,
-            relay,
-            edge_admin,
-            core_admin,
-        } => {
-            let opts = livepop::demo::DemoOptions {
-                testsrc: source.is_some(),
-                data_dir,
-                rtmp,
-                rtmps,
-                http,
-                https,
-                origin,
-                relay,
-                edge_admin,
-                core_admin,
-            };
-            serve(|sd| livepop::demo::start(opts, sd))
-        }
+        Command::Demo(opts) => serve(|sd| livepop::demo::start(*opts, sd)),
         Command::Edge { config } => {
             let cfg = config::EdgeConfig::load(&config)?;
             serve(|sd| roles::start_edge(cfg, sd))

@@ -84,6 +84,9 @@ pub struct EdgeMetrics {
     pub http_hold: HistogramVec,
     /// Viewer connections refused at the connection limit.
     pub http_refused: IntCounter,
+    /// Responses to viewers by object kind ("other" for the page, the stream list and refused
+    /// paths) and status ("0": the viewer left before a response was written).
+    pub http_responses: IntCounterVec,
 }
 
 impl EdgeMetrics {
@@ -171,6 +174,12 @@ impl EdgeMetrics {
                 r.register(Box::new(h.clone())).expect("unique metric");
                 h
             },
+            http_responses: counter_vec(
+                &r,
+                "livepop_edge_responses_total",
+                "Responses to viewers by object kind and HTTP status",
+                &["kind", "status"],
+            ),
             http_refused: counter(
                 &r,
                 "livepop_edge_connections_refused_total",

@@ -20,7 +20,7 @@ fn artefacts() -> PathBuf {
 #[test]
 fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
     let env = Env::new();
-    let demo = start_demo(&env, true);
+    let demo = start_demo(&env, &["--source", "testsrc"]);
     let http = demo.addr("http");
     let rtmp = demo.addr("rtmp");
     // The demo prints where to publish and where to watch.

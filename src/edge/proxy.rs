@@ -395,6 +395,11 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        self.metrics
+            .http_responses
+            .with_label_values(&[Self::kind_label(ctx), &status.to_string()])
+            .inc();
         if let Some(p) = &ctx.playback {
             let outcome = cache_outcome(session);
             self.metrics

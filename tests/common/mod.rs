@@ -785,9 +785,9 @@ pub fn encode_flv_sized(out: &Path, size: &str, secs: u32) {
     assert!(ok.success());
 }
 
-/// `livepop demo` with every listener on port 0 and its certificates in the test directory;
-/// `testsrc` also publishes the synthetic stream.
-pub fn start_demo(env: &Env, testsrc: bool) -> Proc {
+/// `livepop demo` with every listener on port 0 and its certificates in the test directory,
+/// plus `extra` arguments (e.g. `--source testsrc`, `--key NAME=KEY`).
+pub fn start_demo(env: &Env, extra: &[&str]) -> Proc {
     let dir = env.path().join("demo");
     let dir = dir.to_str().unwrap();
     let mut args = vec!["demo", "--data-dir", dir];
@@ -803,9 +803,7 @@ pub fn start_demo(env: &Env, testsrc: bool) -> Proc {
     ] {
         args.extend([flag, "127.0.0.1:0"]);
     }
-    if testsrc {
-        args.extend(["--source", "testsrc"]);
-    }
+    args.extend(extra);
     Proc::start("demo", &args)
 }
 
