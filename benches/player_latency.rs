@@ -20,7 +20,7 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
 }
 
 fn main() {
-    let secs: f64 = arg("secs", "60").parse().expect("--secs");
+    let secs: f64 = arg("--secs", "60").parse().expect("--secs");
     let env = Env::new();
     let demo = start_demo(&env, &["--source", "testsrc"]);
     let http = demo.addr("http");

@@ -55,6 +55,10 @@ struct ViewersArgs {
     /// the variant's URI (e.g. 360p).
     #[arg(long, default_value = "auto")]
     rendition: viewer::Choice,
+    /// Seconds at the start left out of the summary's latency and stall figures (they stay on
+    /// the per-second timeline): joining viewers start behind the live edge.
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
     /// auto: LL-HLS when the playlist offers parts and blocking reloads; plain: whole segments
     /// and periodic reloads even then.
     #[arg(long, value_enum, default_value = "auto")]
@@ -186,7 +190,8 @@ async fn viewers(a: ViewersArgs) -> Result<()> {
         bail!("--count must be at least 1");
     }
     let tls = http::tls_config(a.ca.as_deref(), a.insecure)?;
-    let stats = Arc::new(stats::Stats::new());
+    let stats =
+        Arc::new(stats::Stats::new().with_warmup(Duration::from_secs_f64(a.warmup.max(0.0))));
     let start = tokio::time::Instant::from_std(stats.started());
     let deadline = start + Duration::from_secs(a.duration);
     let shared = Arc::new(viewer::Shared {

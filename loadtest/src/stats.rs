@@ -110,6 +110,9 @@ struct Inner {
 pub struct Stats {
     inner: Mutex<Inner>,
     start: std::time::Instant,
+    /// Latency samples and stalls that begin earlier are left out of the summary (they stay
+    /// on the timeline): viewers joining start behind the live edge.
+    warmup: Duration,
 }
 
 /// One second of the run.
@@ -178,6 +181,8 @@ pub struct KindReport {
 pub struct Summary {
     /// Seconds the run lasted.
     pub duration_s: f64,
+    /// Seconds at the start left out of `latency` and the stall figures.
+    pub warmup_s: f64,
     /// Viewers started.
     pub viewers: u64,
     /// Requests finished.
@@ -239,7 +244,14 @@ impl Stats {
                 timeline: vec![],
             }),
             start: std::time::Instant::now(),
+            warmup: Duration::ZERO,
         }
+    }
+
+    /// Leaves the first `d` of the run out of the summary's latency and stalls.
+    pub fn with_warmup(mut self, d: Duration) -> Self {
+        self.warmup = d;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -288,7 +300,9 @@ impl Stats {
     pub fn latency(&self, ms: f64) {
         let us = (ms * 1000.0).clamp(1.0, 3.6e9) as u64;
         let mut g = self.lock();
-        let _ = g.latency.record(us);
+        if self.start.elapsed() >= self.warmup {
+            let _ = g.latency.record(us);
+        }
         let s = self.second(&mut g);
         let _ = g.seconds[s].latency.get_or_insert_with(hist).record(us);
     }
@@ -296,11 +310,13 @@ impl Stats {
     /// Records a stall (after start-up) that lasted `d`.
     pub fn stall(&self, d: Duration) {
         let mut g = self.lock();
-        g.stalls += 1;
-        g.stall_time += d;
-        let _ = g
-            .stall_hist
-            .record((d.as_micros() as u64).clamp(1, 3_600_000_000));
+        if self.start.elapsed().saturating_sub(d) >= self.warmup {
+            g.stalls += 1;
+            g.stall_time += d;
+            let _ = g
+                .stall_hist
+                .record((d.as_micros() as u64).clamp(1, 3_600_000_000));
+        }
         let s = self.second(&mut g);
         g.seconds[s].stalls += 1;
     }
@@ -402,6 +418,7 @@ impl Stats {
             .collect();
         Summary {
             duration_s: self.start.elapsed().as_secs_f64(),
+            warmup_s: self.warmup.as_secs_f64(),
             viewers: g.viewers_started,
             requests: g.requests.values().sum(),
             errors: g.errors.values().sum(),
@@ -455,14 +472,19 @@ pub fn render(s: &Summary) -> String {
             let _ = writeln!(o, "{:<22} {:>9} {:>7}  ttfb  {}", "", "", "", p(&r.ttfb));
         }
     }
+    let after = if s.warmup_s > 0.0 {
+        format!(" after the first {:.0} s", s.warmup_s)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         o,
-        "latency (arrival - PROGRAM-DATE-TIME): {}",
+        "latency (arrival - PROGRAM-DATE-TIME){after}: {}",
         p(&s.latency)
     );
     let _ = writeln!(
         o,
-        "stalls: {} ({:.2} s in all), durations {}",
+        "stalls{after}: {} ({:.2} s in all), durations {}",
         s.stalls,
         s.stall_seconds,
         p(&s.stall_durations)
