@@ -377,6 +377,27 @@ fn a_broken_origin_is_reported_not_a_crash_or_a_hang() {
     // Nothing played, so nothing counts as a stall or has a latency.
     assert!(r["latency"].is_null());
 
+    // The request cap ends the run early: exactly that many requests.
+    let capped = env.path().join("capped.json");
+    let c = loadtest(&[
+        "viewers",
+        "--url",
+        &format!("http://{origin}/live/x/master.m3u8"),
+        "--count",
+        "5",
+        "--duration",
+        "30",
+        "--max-requests",
+        "25",
+        "--timeout-ms",
+        "1000",
+        "--json",
+        capped.to_str().unwrap(),
+        "--quiet",
+    ]);
+    finish(c, "capped", Duration::from_secs(30));
+    assert_eq!(json(&capped)["requests"], 25);
+
     // A remote target is refused without --allow-remote, with a clear error.
     let out = Command::new(loadtest_bin())
         .args([

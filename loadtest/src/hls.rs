@@ -132,17 +132,25 @@ pub fn parse_media(text: &str) -> Result<MediaPlaylist, String> {
         } else if line == "#EXT-X-GAP" {
             cur.gap = true;
         } else if let Some(a) = line.strip_prefix("#EXT-X-PART:") {
-            let (Some(uri), Some(duration)) = (
-                attr(a, "URI"),
-                attr(a, "DURATION").and_then(|v| v.parse().ok()),
-            ) else {
+            // One pass over the attributes: parts are most of an LL-HLS playlist's lines.
+            let (mut uri, mut duration, mut independent, mut gap) = (None, None, false, false);
+            for (k, v) in attrs(a) {
+                match k {
+                    "URI" => uri = Some(v),
+                    "DURATION" => duration = v.parse().ok(),
+                    "INDEPENDENT" => independent = v == "YES",
+                    "GAP" => gap = v == "YES",
+                    _ => {}
+                }
+            }
+            let (Some(uri), Some(duration)) = (uri, duration) else {
                 return Err(format!("EXT-X-PART without URI or DURATION: {line}"));
             };
             cur.parts.push(Part {
                 uri: uri.to_string(),
                 duration,
-                independent: attr(a, "INDEPENDENT") == Some("YES"),
-                gap: attr(a, "GAP") == Some("YES"),
+                independent,
+                gap,
             });
         } else if let Some(a) = line.strip_prefix("#EXT-X-PRELOAD-HINT:") {
             if attr(a, "TYPE") == Some("PART") {
@@ -238,10 +246,13 @@ impl MediaPlaylist {
     }
 }
 
-/// A quoted or plain attribute value from an attribute list.
-pub fn attr<'a>(list: &'a str, name: &str) -> Option<&'a str> {
+/// The (name, value) pairs of an attribute list; quoted values without their quotes.
+pub fn attrs(list: &str) -> impl Iterator<Item = (&str, &str)> {
     let mut rest = list;
-    while !rest.is_empty() {
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
         let (k, after) = rest.split_once('=')?;
         let (v, next) = if let Some(q) = after.strip_prefix('"') {
             let end = q.find('"')?;
@@ -252,12 +263,14 @@ pub fn attr<'a>(list: &'a str, name: &str) -> Option<&'a str> {
                 None => (after, ""),
             }
         };
-        if k.trim() == name {
-            return Some(v);
-        }
         rest = next;
-    }
-    None
+        Some((k.trim(), v))
+    })
+}
+
+/// A quoted or plain attribute value from an attribute list.
+pub fn attr<'a>(list: &'a str, name: &str) -> Option<&'a str> {
+    attrs(list).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
 /// ISO 8601 date-time (`2026-11-24T10:20:30.250Z`, or with an offset) → Unix ms.

@@ -16,6 +16,11 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+// Thousands of simulated players allocate per request and per playlist; mimalloc cut the
+// generator's CPU per request (it must stay cheaper than the server it loads).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Load generator for HLS / LL-HLS playback and RTMP publishing.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -107,9 +112,10 @@ struct PublishersArgs {
     /// Length of the run in seconds.
     #[arg(long, default_value_t = 30)]
     duration: u64,
-    /// The FLV file (H.264 video, AAC audio) every publisher sends.
+    /// The FLV file (H.264 video, AAC audio) every publisher sends. Without it, a 10 s
+    /// 640×360 test pattern with a tone is encoded with the ffmpeg CLI first.
     #[arg(long)]
-    file: PathBuf,
+    file: Option<PathBuf>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -272,8 +278,15 @@ async fn publishers(a: PublishersArgs) -> Result<()> {
             keys.len()
         );
     }
-    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-    let tags = Arc::new(publisher::read_flv(&bytes).with_context(|| a.file.display().to_string())?);
+    let bytes = match &a.file {
+        Some(f) => std::fs::read(f).with_context(|| format!("reading {}", f.display()))?,
+        None => test_flv()?,
+    };
+    let name = a
+        .file
+        .as_ref()
+        .map_or("the test FLV".into(), |f| f.display().to_string());
+    let tags = Arc::new(publisher::read_flv(&bytes).with_context(|| name)?);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.duration);
     let reports: Vec<Arc<Mutex<publisher::PublisherReport>>> =
         (0..a.count).map(|_| Arc::default()).collect();
@@ -336,6 +349,29 @@ async fn publishers(a: PublishersArgs) -> Result<()> {
         .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+/// 10 s of 640×360 30 fps H.264 (2 s GOP, 800 kbit/s) and AAC, encoded by the ffmpeg CLI.
+fn test_flv() -> Result<Vec<u8>> {
+    let path = std::env::temp_dir().join(format!("livepop-loadtest-{}.flv", std::process::id()));
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
+        .args(["-t", "10", "-map", "0:v", "-map", "1:a"])
+        .args([
+            "-c:v", "libx264", "-preset", "veryfast", "-g", "60", "-bf", "0",
+        ])
+        .args(["-b:v", "800k", "-c:a", "aac", "-b:a", "96k", "-f", "flv"])
+        .arg(&path)
+        .status()
+        .context("no --file given and the ffmpeg command is missing (apt install ffmpeg)")?;
+    if !status.success() {
+        bail!("ffmpeg could not encode the test FLV");
+    }
+    let bytes = std::fs::read(&path)?;
+    let _ = std::fs::remove_file(&path);
+    Ok(bytes)
 }
 
 #[cfg(test)]

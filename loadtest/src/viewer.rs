@@ -370,7 +370,7 @@ impl Viewer {
                 self.shared.stats.resync();
                 return Ok(());
             }
-            let listed = pl.segment(pos.0).cloned();
+            let listed = pl.segment(pos.0);
             match listed {
                 Some(seg) if pos.1 < seg.parts.len() => {
                     self.ensure_init(&seg.map).await?;
