@@ -133,6 +133,35 @@ impl Playback {
     }
 }
 
+/// The variant to play: by choice, or by throughput (ABR: the highest whose bandwidth is
+/// under 80% of the measured throughput, else the lowest; the first listed before any
+/// measurement, as hls.js starts).
+pub fn choose(variants: &[hls::Variant], choice: &Choice, throughput: Option<f64>) -> usize {
+    let by_bw = |rev: bool| {
+        let mut idx: Vec<usize> = (0..variants.len()).collect();
+        idx.sort_by_key(|i| variants[*i].bandwidth);
+        if rev {
+            idx.reverse();
+        }
+        idx
+    };
+    match choice {
+        Choice::Highest => by_bw(true)[0],
+        Choice::Lowest => by_bw(false)[0],
+        Choice::Named(n) => variants
+            .iter()
+            .position(|v| v.uri.contains(n.as_str()))
+            .unwrap_or(0),
+        Choice::Auto => match throughput {
+            None => 0,
+            Some(t) => by_bw(true)
+                .into_iter()
+                .find(|i| (variants[*i].bandwidth as f64) < 0.8 * t)
+                .unwrap_or_else(|| by_bw(false)[0]),
+        },
+    }
+}
+
 struct Viewer {
     shared: Arc<Shared>,
     client: ViewerClient,
@@ -243,33 +272,9 @@ impl Viewer {
         }
     }
 
-    /// The rendition to play: by choice, or by throughput (ABR) with 20% headroom.
+    /// The rendition to play (see `choose`).
     fn pick(&self, throughput: Option<f64>) -> usize {
-        let by_bw = |rev: bool| {
-            let mut idx: Vec<usize> = (0..self.variants.len()).collect();
-            idx.sort_by_key(|i| self.variants[*i].bandwidth);
-            if rev {
-                idx.reverse();
-            }
-            idx
-        };
-        match &self.shared.choice {
-            Choice::Highest => by_bw(true)[0],
-            Choice::Lowest => by_bw(false)[0],
-            Choice::Named(n) => self
-                .variants
-                .iter()
-                .position(|v| v.uri.contains(n.as_str()))
-                .unwrap_or(0),
-            Choice::Auto => match throughput {
-                // Before any measurement, like hls.js: the first listed variant.
-                None => 0,
-                Some(t) => by_bw(true)
-                    .into_iter()
-                    .find(|i| (self.variants[*i].bandwidth as f64) < 0.8 * t)
-                    .unwrap_or_else(|| by_bw(false)[0]),
-            },
-        }
+        choose(&self.variants, &self.shared.choice, throughput)
     }
 
     fn measure(&mut self, f: &Fetched, media_secs: f64) {
@@ -545,6 +550,28 @@ mod tests {
         // Playing again: 0.3 s buffered, dry 0.3 s later, still stalled at the end.
         let end = p.finish(t0 + Duration::from_millis(2000)).unwrap();
         assert!((end.as_secs_f64() - 0.3).abs() < 1e-6, "{end:?}");
+    }
+
+    #[test]
+    fn abr_takes_the_best_rendition_the_throughput_carries() {
+        let v = |uri: &str, bandwidth| hls::Variant {
+            uri: uri.into(),
+            bandwidth,
+            height: None,
+        };
+        let vs = [
+            v("src", 3_000_000),
+            v("360p", 800_000),
+            v("480p", 1_500_000),
+        ];
+        assert_eq!(choose(&vs, &Choice::Auto, None), 0);
+        assert_eq!(choose(&vs, &Choice::Auto, Some(10e6)), 0);
+        assert_eq!(choose(&vs, &Choice::Auto, Some(2.5e6)), 2); // 1.5 < 0.8 × 2.5
+        assert_eq!(choose(&vs, &Choice::Auto, Some(1.5e6)), 1);
+        assert_eq!(choose(&vs, &Choice::Auto, Some(0.1e6)), 1); // nothing fits: the lowest
+        assert_eq!(choose(&vs, &Choice::Highest, None), 0);
+        assert_eq!(choose(&vs, &Choice::Lowest, None), 1);
+        assert_eq!(choose(&vs, &Choice::Named("480".into()), None), 2);
     }
 
     #[test]
