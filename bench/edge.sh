@@ -5,16 +5,6 @@
 # viewers. Installs nginx and Varnish if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/install-deps.sh
-missing=()
-command -v nginx >/dev/null || missing+=(nginx)
-command -v varnishd >/dev/null || missing+=(varnish)
-if ((${#missing[@]})); then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-# 10,000 clients need as many descriptors in the client and in each cache.
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+source bench/peer-deps.sh
 cargo bench --bench edge_cache -- \
   --conns "${CONNS:-64}" --secs "${SECS:-10}" --parts "${PARTS:-20}" --fanout "${FANOUT:-1000,10000}"

@@ -4,16 +4,7 @@
 # same core, all measured with livepop-loadtest. Installs nginx and Varnish if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source deploy/install-deps.sh
-missing=()
-command -v nginx >/dev/null || missing+=(nginx)
-command -v varnishd >/dev/null || missing+=(varnish)
-if ((${#missing[@]})); then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+source bench/peer-deps.sh
 cargo build --release --locked -p livepop-loadtest
 cargo bench --bench viewers -- --start "${START:-250}" --max "${MAX:-8000}" \
   --ramp "${RAMP:-10}" --secs "${SECS:-30}"

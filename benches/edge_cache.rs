@@ -13,7 +13,6 @@
 
 use std::net::SocketAddr;
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,8 +24,8 @@ use tokio::sync::{mpsc, watch};
 mod common;
 #[path = "support/peers.rs"]
 mod peers;
-use common::{arg, preload_hint as hint, Proc};
-use peers::{children, cpu_of, start_nginx, start_varnish};
+use common::{arg, preload_hint as hint};
+use peers::{cpu_of, publish_test_stream, servers};
 
 fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -141,13 +140,6 @@ async fn fetch_text(addr: SocketAddr, path: &str) -> String {
     t.split_once("\r\n\r\n")
         .map(|x| x.1.to_string())
         .unwrap_or_default()
-}
-
-struct Peer {
-    name: &'static str,
-    addr: SocketAddr,
-    /// Process id to sample CPU from (the master for multi-process servers: children summed).
-    pids: Box<dyn Fn() -> Vec<u32>>,
 }
 
 /// `conns` connections fetch `path` in a loop for `secs`: requests per second.
@@ -280,70 +272,14 @@ fn main() {
     let with_peers = arg("--peers", "yes") == "yes";
 
     let env = common::Env::new();
-    // A short window keeps the media playlist near 1.5 KB.
     // 1/3 s parts and a short window keep the media playlist near 1.5 KB; at 450 kbit/s video
     // a part is about 20 KB.
-    let core_cfg = common::core_config_with_origin(
-        &env,
-        "core-1",
-        "window_segments = 3\npart_target_ms = 333",
-    );
-    let core = Proc::start_quiet("core", &["core", "--config", core_cfg.to_str().unwrap()]);
-    let relay = core.addr("relay");
-    let origin = core.addr("origin");
-    let mut opts = common::EdgeOpts::new(vec![("core-1".into(), relay)]);
-    opts.origins = vec![origin];
-    let edge_cfg = common::edge_config(&env, &opts);
-    let edge = Proc::start_quiet("edge", &["edge", "--config", edge_cfg.to_str().unwrap()]);
+    let (core, edge, origin) =
+        peers::core_and_edge(&env, "window_segments = 3\npart_target_ms = 333");
     let rtmp = edge.addr("rtmp");
     let edge_http = edge.addr("http");
-    let mut ff = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine"])
-        // Publishes until the benchmark ends (killed below).
-        .args(["-t", "7200", "-map", "0:v", "-map", "1:a"])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-tune",
-            "zerolatency",
-        ])
-        .args(["-b:v", "450k", "-maxrate", "450k", "-bufsize", "450k"])
-        .args(["-g", "60", "-c:a", "aac", "-b:a", "64k"])
-        .args(["-f", "flv", &format!("rtmp://{rtmp}/live/demo-key")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ffmpeg");
-
-    let edge_pid = edge.pid();
-    let mut peers = vec![Peer {
-        name: "livepop edge",
-        addr: edge_http,
-        pids: Box::new(move || vec![edge_pid]),
-    }];
-    let mut children_procs = vec![];
-    if with_peers {
-        let (n, a) = start_nginx(env.path(), origin);
-        let pid = n.id();
-        children_procs.push(n);
-        peers.push(Peer {
-            name: "nginx",
-            addr: a,
-            pids: Box::new(move || children(pid)),
-        });
-        let (v, a) = start_varnish(env.path(), origin);
-        let pid = v.id();
-        children_procs.push(v);
-        peers.push(Peer {
-            name: "varnish",
-            addr: a,
-            pids: Box::new(move || children(pid)),
-        });
-    }
+    let mut ff = publish_test_stream(&format!("rtmp://{rtmp}/live/demo-key"), 450);
+    let (peers, children_procs) = servers(env.path(), edge.pid(), edge_http, origin, with_peers);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -13,7 +13,6 @@
 //!
 //! Run: `bash bench/viewers.sh` (builds livepop-loadtest first).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,14 +21,8 @@ use std::time::{Duration, Instant};
 mod common;
 #[path = "support/peers.rs"]
 mod peers;
-use common::{arg, Proc};
-use peers::{children, cpu_of, cpu_of_pid, start_nginx, start_varnish};
-
-struct Server {
-    name: &'static str,
-    addr: SocketAddr,
-    pids: Box<dyn Fn() -> Vec<u32>>,
-}
+use common::arg;
+use peers::{cpu_of, cpu_of_pid, servers, Server};
 
 struct RunResult {
     n: usize,
@@ -130,70 +123,21 @@ fn main() {
     loadtest_bin();
 
     let env = common::Env::new();
-    let core_cfg = common::core_config_with_origin(&env, "core-1", "");
-    let core = Proc::start_quiet("core", &["core", "--config", core_cfg.to_str().unwrap()]);
-    let (relay, origin) = (core.addr("relay"), core.addr("origin"));
-    let mut opts = common::EdgeOpts::new(vec![("core-1".into(), relay)]);
-    opts.origins = vec![origin];
-    let edge_cfg = common::edge_config(&env, &opts);
-    let edge = Proc::start_quiet("edge", &["edge", "--config", edge_cfg.to_str().unwrap()]);
+    let (_core, edge, origin) = peers::core_and_edge(&env, "");
     let rtmp = edge.addr("rtmp");
-    let mut ff = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
-        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine"])
-        .args(["-t", "7200", "-map", "0:v", "-map", "1:a"])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-tune",
-            "zerolatency",
-        ])
-        .args(["-b:v", "800k", "-maxrate", "800k", "-bufsize", "800k"])
-        .args(["-g", "60", "-c:a", "aac", "-b:a", "64k"])
-        .args(["-f", "flv", &format!("rtmp://{rtmp}/live/demo-key")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ffmpeg");
+    let mut ff = peers::publish_test_stream(&format!("rtmp://{rtmp}/live/demo-key"), 800);
     let edge_http = edge.addr("http");
     common::wait_for("the stream on the edge", Duration::from_secs(30), || {
         let (st, _) = common::http_get(edge_http, "/live/demo/master.m3u8")?;
         (st == 200).then_some(())
     });
 
-    let edge_pid = edge.pid();
-    let mut servers = vec![Server {
-        name: "livepop edge",
-        addr: edge_http,
-        pids: Box::new(move || vec![edge_pid]),
-    }];
-    let mut procs = vec![];
-    if with_peers {
-        let (n, a) = start_nginx(env.path(), origin);
-        let pid = n.id();
-        procs.push(n);
-        servers.push(Server {
-            name: "nginx",
-            addr: a,
-            pids: Box::new(move || children(pid)),
+    let (servers, procs) = servers(env.path(), edge.pid(), edge_http, origin, with_peers);
+    for s in &servers {
+        common::wait_for(s.name, Duration::from_secs(30), || {
+            let (st, _) = common::http_get(s.addr, "/live/demo/master.m3u8")?;
+            (st == 200).then_some(())
         });
-        let (v, a) = start_varnish(env.path(), origin);
-        let pid = v.id();
-        procs.push(v);
-        servers.push(Server {
-            name: "varnish",
-            addr: a,
-            pids: Box::new(move || children(pid)),
-        });
-        for s in &servers[1..] {
-            common::wait_for(s.name, Duration::from_secs(30), || {
-                let (st, _) = common::http_get(s.addr, "/live/demo/master.m3u8")?;
-                (st == 200).then_some(())
-            });
-        }
     }
 
     println!(

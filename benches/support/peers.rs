@@ -141,3 +141,90 @@ pub fn cpu_of_pid(pid: u32) -> Option<f64> {
         .ok()
         .map(|_| cpu_of(&[pid]))
 }
+
+/// A server under test: a name for the report, where viewers connect, its processes for CPU.
+pub struct Server {
+    /// Name in the report.
+    pub name: &'static str,
+    /// HTTP address.
+    pub addr: SocketAddr,
+    /// Its processes now (multi-process servers: the master and its children).
+    pub pids: Box<dyn Fn() -> Vec<u32>>,
+}
+
+/// The livepop edge (process `edge_pid` at `edge_http`) and, with `with_peers`, nginx and
+/// Varnish caching `origin`; the peers' processes are returned to be killed at the end.
+pub fn servers(
+    dir: &Path,
+    edge_pid: u32,
+    edge_http: SocketAddr,
+    origin: SocketAddr,
+    with_peers: bool,
+) -> (Vec<Server>, Vec<Child>) {
+    let mut servers = vec![Server {
+        name: "livepop edge",
+        addr: edge_http,
+        pids: Box::new(move || vec![edge_pid]),
+    }];
+    let mut procs = vec![];
+    if with_peers {
+        type Start = fn(&Path, SocketAddr) -> (Child, SocketAddr);
+        for (name, start) in [
+            ("nginx", start_nginx as Start),
+            ("varnish", start_varnish as Start),
+        ] {
+            let (c, addr) = start(dir, origin);
+            let pid = c.id();
+            procs.push(c);
+            servers.push(Server {
+                name,
+                addr,
+                pids: Box::new(move || children(pid)),
+            });
+        }
+    }
+    (servers, procs)
+}
+
+/// ffmpeg publishing a 640×360 30 fps test pattern at `video_kbps` (2 s GOP, zerolatency) with
+/// AAC to `url`, until killed.
+pub fn publish_test_stream(url: &str, video_kbps: u32) -> Child {
+    let rate = format!("{video_kbps}k");
+    Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30"])
+        .args(["-f", "lavfi", "-i", "sine"])
+        .args(["-t", "7200", "-map", "0:v", "-map", "1:a"])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+        ])
+        .args(["-b:v", &rate, "-maxrate", &rate, "-bufsize", &rate])
+        .args(["-g", "60", "-c:a", "aac", "-b:a", "64k"])
+        .args(["-f", "flv", url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ffmpeg")
+}
+
+/// A core with an LL-HLS origin (`origin_extra` goes into [origin]) and an edge in front of it,
+/// both quiet; returns them and the origin's address.
+pub fn core_and_edge(
+    env: &crate::common::Env,
+    origin_extra: &str,
+) -> (crate::common::Proc, crate::common::Proc, SocketAddr) {
+    use crate::common::{self, Proc};
+    let core_cfg = common::core_config_with_origin(env, "core-1", origin_extra);
+    let core = Proc::start_quiet("core", &["core", "--config", core_cfg.to_str().unwrap()]);
+    let (relay, origin) = (core.addr("relay"), core.addr("origin"));
+    let mut opts = common::EdgeOpts::new(vec![("core-1".into(), relay)]);
+    opts.origins = vec![origin];
+    let edge_cfg = common::edge_config(env, &opts);
+    let edge = Proc::start_quiet("edge", &["edge", "--config", edge_cfg.to_str().unwrap()]);
+    (core, edge, origin)
+}
