@@ -110,7 +110,8 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
     let flv = env.path().join("in.flv");
     // 640×360: below every rung of the demo's ladder, so the core only packages.
     encode_flv_sized(&flv, "640x360", 10);
-    let keys = env.write("keys.txt", "load-key-1\nload-key-2\n");
+    // The third key is unknown to the edge: that publisher is refused, the others unharmed.
+    let keys = env.write("keys.txt", "load-key-1\nload-key-2\nno-such-key\n");
     let demo = start_demo(
         &env,
         &["--key", "load1=load-key-1", "--key", "load2=load-key-2"],
@@ -132,7 +133,7 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
         "--keys-file",
         keys.to_str().unwrap(),
         "--count",
-        "2",
+        "3",
         "--duration",
         "28",
         "--file",
@@ -275,8 +276,18 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
     finish(publishers, "publishers", Duration::from_secs(40));
     let p = json(&pubs_json);
     let list = p["publishers"].as_array().unwrap();
-    assert_eq!(list.len(), 2);
-    for r in list {
+    assert_eq!(list.len(), 3);
+    let refused = &list[2];
+    assert_eq!(refused["sessions"], 0, "{refused}");
+    assert!(
+        refused["connect_failures"].as_u64().unwrap() >= 2,
+        "{refused}"
+    );
+    assert!(
+        refused["last_error"].as_str().unwrap().contains("refused"),
+        "{refused}"
+    );
+    for r in &list[..2] {
         assert_eq!(r["sessions"], 1, "{r}");
         assert_eq!(r["connect_failures"], 0, "{r}");
         assert!(r["frames"].as_u64().unwrap() > 25 * 30, "{r}");
@@ -397,6 +408,29 @@ fn a_broken_origin_is_reported_not_a_crash_or_a_hang() {
     ]);
     finish(c, "capped", Duration::from_secs(30));
     assert_eq!(json(&capped)["requests"], 25);
+
+    // A publisher whose server is not there: connect failures reported, no crash, no hang.
+    let keys = env.write("keys.txt", "k\n");
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pubs = env.path().join("pubs.json");
+    let c = loadtest(&[
+        "publishers",
+        "--url",
+        &format!("rtmp://{closed}/live"),
+        "--keys-file",
+        keys.to_str().unwrap(),
+        "--duration",
+        "3",
+        "--json",
+        pubs.to_str().unwrap(),
+    ]);
+    finish(c, "no-server", Duration::from_secs(20));
+    let p = &json(&pubs)["publishers"][0];
+    assert!(p["connect_failures"].as_u64().unwrap() >= 2, "{p}");
+    assert_eq!(p["sessions"], 0);
 
     // A remote target is refused without --allow-remote, with a clear error.
     let out = Command::new(loadtest_bin())

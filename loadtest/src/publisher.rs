@@ -225,6 +225,12 @@ async fn session(
                 ClientSessionEvent::ConnectionRequestRejected { description } => {
                     bail!("connect rejected: {description}")
                 }
+                // e.g. NetStream.Publish.BadName for an unknown key.
+                ClientSessionEvent::UnhandleableOnStatusCode { code }
+                    if code.contains("Publish") =>
+                {
+                    bail!("publish refused: {code}")
+                }
                 _ => {}
             }
         }
