@@ -8,6 +8,9 @@ install_web
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The binaries end-to-end tests run, livepop-loadtest included (tests only build their own
+# package's binaries).
+cargo build --workspace --locked
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

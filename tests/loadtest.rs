@@ -1,7 +1,7 @@
 //! `livepop-loadtest` (loadtest/, a workspace member) against real servers: `livepop demo` with
 //! two of its publishers and 220 of its viewers (LL-HLS over HTTP/1.1, plain HLS over HTTP/2
 //! with TLS), checked against the edge's own /metrics; and a deliberately broken origin.
-//! The binary is built by `cargo nextest run --workspace` (deploy/test.sh).
+//! The binary is built by `cargo build --workspace` (deploy/test.sh).
 
 mod common;
 
@@ -17,7 +17,7 @@ fn loadtest_bin() -> PathBuf {
     let p = Path::new(BIN).with_file_name("livepop-loadtest");
     assert!(
         p.is_file(),
-        "{} missing: build the workspace (cargo nextest run --workspace)",
+        "{} missing: cargo build --workspace (deploy/test.sh does)",
         p.display()
     );
     p

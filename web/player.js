@@ -14,6 +14,8 @@ const stats = {
   level: -1,
   levels: [],
   stalls: [], // { start, duration } in seconds of page time; duration null while stalled
+  playingSince: null, // page time (s) playback first began
+  recoveries: 0, // stalls ended by jumping to the live edge
   errors: [],
 };
 window.livepopStats = stats;
@@ -28,7 +30,7 @@ function message(text) {
 function play(name) {
   if (stats.stream === name) return;
   if (hls) hls.destroy();
-  Object.assign(stats, { stream: name, playing: false, level: -1, levels: [], stalls: [] });
+  Object.assign(stats, { stream: name, playing: false, level: -1, levels: [], stalls: [], playingSince: null });
   stallStart = null;
   const url = `/live/${encodeURIComponent(name)}/master.m3u8`;
   $('url').textContent = url;
@@ -43,9 +45,16 @@ function play(name) {
     return;
   }
   message('');
+  // Start from a broadband-like bandwidth estimate (hls.js assumes 0.5 Mbit/s): an up-switch
+  // seconds into low-latency playback can leave a hole in the buffer and stall.
+  hls = new Hls({ lowLatencyMode: true, backBufferLength: 30, abrEwmaDefaultEstimate: 5e6 });
   // Catch up (at up to 1.25× speed) to the target latency the playlist asks for (PART-HOLD-BACK)
-  // after a slow start or a stall, as LL-HLS players should.
-  hls = new Hls({ lowLatencyMode: true, backBufferLength: 30, maxLiveSyncPlaybackRate: 1.25 });
+  // after a slow start or a stall, as LL-HLS players should; but not in the first seconds,
+  // when faster playback would drain the small start-up buffer into a stall.
+  const catchUp = hls;
+  video.addEventListener('playing', () => setTimeout(() => {
+    if (hls === catchUp) hls.config.maxLiveSyncPlaybackRate = 1.25;
+  }, 4000), { once: true });
   hls.on(Hls.Events.MANIFEST_PARSED, (_e, data) => {
     stats.levels = data.levels.map((l) => ({ height: l.height, width: l.width, bitrate: l.bitrate, name: l.name || `${l.height}p` }));
     const q = $('quality');
@@ -76,6 +85,7 @@ video.addEventListener('waiting', () => {
   }
 });
 video.addEventListener('playing', () => {
+  if (!stats.playing) stats.playingSince = performance.now() / 1000;
   stats.playing = true;
   if (stallStart !== null) {
     stats.stalls[stats.stalls.length - 1].duration = (performance.now() - stallStart) / 1000;
@@ -84,6 +94,17 @@ video.addEventListener('playing', () => {
 });
 
 function update() {
+  // Watchdog: hls.js sometimes stops loading after skipping a buffer hole (seen at start-up);
+  // a stall longer than 1 s jumps to the live edge, which restarts loading there.
+  if (stallStart !== null && hls && performance.now() - stallStart > 1000 && !update.jumped) {
+    const edge = hls.liveSyncPosition;
+    if (edge && edge > video.currentTime) {
+      update.jumped = true;
+      stats.recoveries += 1;
+      video.currentTime = edge;
+    }
+  }
+  if (stallStart === null) update.jumped = false;
   stats.currentTime = video.currentTime;
   const b = video.buffered;
   stats.buffer = b.length ? Math.max(0, b.end(b.length - 1) - video.currentTime) : 0;

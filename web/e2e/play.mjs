@@ -46,6 +46,8 @@ try {
     return { ...s, stalls: s.stalls.map((x) => ({ start: x.start, duration: x.duration ?? now - x.start })) };
   });
   out.stalls = final.stalls;
+  out.playing_since = final.playingSince;
+  out.recoveries = final.recoveries;
   out.levels = final.levels;
   out.errors = final.errors;
   if (screenshot) await page.screenshot({ path: screenshot });
