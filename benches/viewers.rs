@@ -13,7 +13,7 @@
 //!
 //! Run: `bash bench/viewers.sh` (builds livepop-loadtest first).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 mod common;
 #[path = "support/peers.rs"]
 mod peers;
-use common::arg;
+use common::{arg, loadtest_bin};
 use peers::{cpu_of, cpu_of_pid, servers, Server};
 
 struct RunResult {
@@ -34,16 +34,6 @@ struct RunResult {
     requests: u64,
     server_cpu: f64,
     client_cpu: f64,
-}
-
-fn loadtest_bin() -> PathBuf {
-    let p = Path::new(common::BIN).with_file_name("livepop-loadtest");
-    assert!(
-        p.is_file(),
-        "{} missing: cargo build --release -p livepop-loadtest (bench/viewers.sh does)",
-        p.display()
-    );
-    p
 }
 
 fn run(s: &Server, n: usize, ramp: u64, secs: u64, dir: &Path) -> RunResult {

@@ -9,19 +9,9 @@ use common::*;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn loadtest_bin() -> PathBuf {
-    let p = Path::new(BIN).with_file_name("livepop-loadtest");
-    assert!(
-        p.is_file(),
-        "{} missing: cargo build --workspace (deploy/test.sh does)",
-        p.display()
-    );
-    p
-}
 
 fn loadtest(args: &[&str]) -> Child {
     Command::new(loadtest_bin())

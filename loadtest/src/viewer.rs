@@ -312,10 +312,7 @@ impl Viewer {
         let mut directive = directive;
         loop {
             let (kind, url) = match directive {
-                Some((m, p)) => (
-                    Kind::PlaylistHold,
-                    format!("{}?_HLS_msn={m}&_HLS_part={p}", self.media_url),
-                ),
+                Some(pos) => (Kind::PlaylistHold, self.hold_url(pos)),
                 None => (Kind::Playlist, self.media_url.clone()),
             };
             let f = self.fetch(kind, &url).await?;
@@ -460,8 +457,13 @@ impl Viewer {
         }
     }
 
+    /// The blocking reload (§6.2.5.2) for part `pos.1` of segment `pos.0`.
+    fn hold_url(&self, pos: (u64, usize)) -> String {
+        format!("{}?_HLS_msn={}&_HLS_part={}", self.media_url, pos.0, pos.1)
+    }
+
     async fn playlist_hold(&self, pos: (u64, usize)) -> Result<Option<MediaPlaylist>, Stop> {
-        let url = format!("{}?_HLS_msn={}&_HLS_part={}", self.media_url, pos.0, pos.1);
+        let url = self.hold_url(pos);
         let f = self.fetch(Kind::PlaylistHold, &url).await?;
         Ok(f.ok()
             .then(|| hls::parse_media(&String::from_utf8_lossy(&f.body)).ok())

@@ -835,3 +835,15 @@ pub fn play_in_browser(url: &str, secs: f64, screenshot: &Path) -> serde_json::V
     assert!(out.status.success(), "play.mjs failed: {text}");
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("play.mjs output {e}: {text}"))
 }
+
+/// The livepop-loadtest binary next to livepop's (the same profile's target directory); built
+/// by `cargo build --workspace` (deploy/test.sh) or `--release` (bench/viewers.sh).
+pub fn loadtest_bin() -> PathBuf {
+    let p = Path::new(BIN).with_file_name("livepop-loadtest");
+    assert!(
+        p.is_file(),
+        "{} missing: cargo build --workspace (deploy/test.sh does; bench/viewers.sh builds it with --release)",
+        p.display()
+    );
+    p
+}
