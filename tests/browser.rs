@@ -17,6 +17,91 @@ fn artefacts() -> PathBuf {
     d
 }
 
+/// The player's events (loads, switches, errors, stalls) between two page times, one a line.
+fn events_around(r: &serde_json::Value, from: f64, to: f64) -> String {
+    let mut out = String::new();
+    for e in r["events"].as_array().into_iter().flatten() {
+        if e["t"].as_f64().is_some_and(|t| t >= from && t <= to) {
+            out.push_str(&format!("  {e}\n"));
+        }
+    }
+    out
+}
+
+/// What went wrong with playback in real time, judged from the browser's report: the video's
+/// clock advances with real time and never goes back; after start-up no stall longer than 0.5 s;
+/// PROGRAM-DATE-TIME latency known, positive and under 3 s.
+fn realtime_problems(r: &serde_json::Value) -> Vec<String> {
+    let mut out = vec![];
+    let samples = r["samples"].as_array().cloned().unwrap_or_default();
+    if (samples.len() as f64) < PLAY_SECS * 2.0 {
+        out.push(format!("{} samples", samples.len()));
+        return out;
+    }
+    let times: Vec<f64> = samples
+        .iter()
+        .map(|s| s["currentTime"].as_f64().unwrap_or(0.0))
+        .collect();
+    // A stall-free 20 s plays ~20 s.
+    let advanced = times.last().unwrap() - times[0];
+    if advanced < PLAY_SECS * 0.8 {
+        out.push(format!(
+            "currentTime advanced {advanced:.2} s in {PLAY_SECS} s"
+        ));
+    }
+    if !times.windows(2).all(|w| w[1] >= w[0]) {
+        out.push("currentTime went back".into());
+    }
+
+    // Start-up: until the first 3 s of playback, in which hls.js settles at its target latency
+    // (it sometimes skips a buffer hole there; the page's watchdog then jumps to the live edge,
+    // see the closing note of issue 6).
+    let Some(since) = r["playing_since"].as_f64() else {
+        out.push("playback never began".into());
+        return out;
+    };
+    for s in r["stalls"].as_array().into_iter().flatten() {
+        let (start, d) = (
+            s["start"].as_f64().unwrap_or(0.0),
+            s["duration"].as_f64().unwrap_or(f64::MAX),
+        );
+        let limit = if start >= since + 3.0 { 0.5 } else { 3.0 };
+        if start < since + 3.0 {
+            eprintln!("start-up stall of {d:.3} s");
+        }
+        if d > limit {
+            out.push(format!(
+                "stall of {d:.3} s at {start:.3} s (playing since {since:.3} s; limit {limit} s); \
+                 player events around it:\n{}",
+                events_around(r, start - 3.0, start + d + 1.0)
+            ));
+        }
+    }
+
+    let lat: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s["latency"].as_f64())
+        .collect();
+    if (lat.len() as f64) < samples.len() as f64 * 0.9 {
+        out.push(format!(
+            "latency known in {} of {} samples",
+            lat.len(),
+            samples.len()
+        ));
+    }
+    let max = lat.iter().cloned().fold(f64::MIN, f64::max);
+    let min = lat.iter().cloned().fold(f64::MAX, f64::min);
+    if max >= 3.0 {
+        out.push(format!("latency up to {max:.3} s"));
+    }
+    if min <= 0.0 {
+        out.push(format!(
+            "latency {min:.3} s: clock or PROGRAM-DATE-TIME wrong"
+        ));
+    }
+    out
+}
+
 #[test]
 fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
     let env = Env::new();
@@ -70,76 +155,52 @@ fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
     });
 
     let shot = artefacts().join("browser-player.png");
-    let _ = std::fs::remove_file(&shot);
-    let r = play_in_browser(&format!("http://{http}/?stream=demo"), PLAY_SECS, &shot);
-    std::fs::write(artefacts().join("browser-player.json"), r.to_string()).unwrap();
-    assert!(
-        r["failure"].is_null(),
-        "browser run failed: {}",
-        r["failure"]
-    );
-    eprintln!(
-        "start-up {} s, errors {}, console {}",
-        r["startup_s"], r["errors"], r["console"]
-    );
+    let url = format!("http://{http}/?stream=demo");
+    let mut retried = false;
+    let r = loop {
+        let _ = std::fs::remove_file(&shot);
+        let watch = MachineWatch::start();
+        let r = play_in_browser(&url, PLAY_SECS, &shot);
+        let machine = watch.finish();
+        std::fs::write(artefacts().join("browser-player.json"), r.to_string()).unwrap();
+        assert!(
+            r["failure"].is_null(),
+            "browser run failed: {}",
+            r["failure"]
+        );
+        eprintln!(
+            "start-up {} s, errors {}, console {}\nmachine during the run: {machine}",
+            r["startup_s"], r["errors"], r["console"]
+        );
+        let problems = realtime_problems(&r);
+        if problems.is_empty() {
+            break r;
+        }
+        // Playback in real time says nothing about livepop when the machine itself stopped
+        // running it: then (and only then) the run is repeated, once.
+        if machine.starved() && !retried {
+            eprintln!(
+                "the machine was starved during playback ({machine}); repeating the run once. \
+                 It failed with: {}",
+                problems.join("; ")
+            );
+            retried = true;
+            continue;
+        }
+        panic!("{}\nmachine during the run: {machine}", problems.join("\n"));
+    };
 
     let samples = r["samples"].as_array().unwrap();
-    assert!(
-        samples.len() as f64 >= PLAY_SECS * 2.0,
-        "{} samples",
-        samples.len()
-    );
-    let times: Vec<f64> = samples
-        .iter()
-        .map(|s| s["currentTime"].as_f64().unwrap())
-        .collect();
-    // The video's clock advances with real time (a stall-free 20 s plays ~20 s).
-    let advanced = times.last().unwrap() - times[0];
-    assert!(
-        advanced >= PLAY_SECS * 0.8,
-        "currentTime advanced {advanced:.2} s in {PLAY_SECS} s"
-    );
-    assert!(
-        times.windows(2).all(|w| w[1] >= w[0]),
-        "currentTime went back"
-    );
-
-    // No stall after start-up longer than 0.5 s. Start-up: until the first 3 s of playback,
-    // in which hls.js settles at its target latency (it sometimes skips a buffer hole there;
-    // the page's watchdog then jumps to the live edge, see the closing note of issue 6).
-    let since = r["playing_since"].as_f64().expect("playback began");
-    for s in r["stalls"].as_array().unwrap() {
-        let (start, d) = (
-            s["start"].as_f64().unwrap(),
-            s["duration"].as_f64().unwrap(),
-        );
-        if start >= since + 3.0 {
-            assert!(d <= 0.5, "stall of {d:.3} s: {}", r["stalls"]);
-        } else {
-            eprintln!("start-up stall of {d:.3} s");
-            assert!(d <= 3.0, "start-up stall of {d:.3} s: {}", r["stalls"]);
-        }
-    }
-
-    // Latency from PROGRAM-DATE-TIME (hls.playingDate) stays under 3 s, and is measured.
     let lat: Vec<f64> = samples
         .iter()
         .filter_map(|s| s["latency"].as_f64())
         .collect();
-    assert!(
-        lat.len() as f64 >= samples.len() as f64 * 0.9,
-        "latency known in {} of {} samples",
-        lat.len(),
-        samples.len()
+    eprintln!(
+        "latency {:.3}..{:.3} s over {} samples",
+        lat.iter().cloned().fold(f64::MAX, f64::min),
+        lat.iter().cloned().fold(f64::MIN, f64::max),
+        lat.len()
     );
-    let max = lat.iter().cloned().fold(f64::MIN, f64::max);
-    let min = lat.iter().cloned().fold(f64::MAX, f64::min);
-    assert!(max < 3.0, "latency up to {max:.3} s");
-    assert!(
-        min > 0.0,
-        "latency {min:.3} s: clock or PROGRAM-DATE-TIME wrong"
-    );
-    eprintln!("latency {min:.3}..{max:.3} s over {} samples", lat.len());
 
     // At least two renditions offered (source and the ladder), and hls.js chose one.
     let levels = r["levels"].as_array().unwrap();
@@ -151,4 +212,33 @@ fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
     let png = std::fs::metadata(&shot).expect("screenshot saved");
     assert!(png.len() > 10_000, "screenshot of {} bytes", png.len());
     eprintln!("screenshot: {}", shot.display());
+}
+
+/// The judge itself: it flags what the browser test must fail on, and only that.
+#[test]
+fn realtime_problems_flags_late_stalls_and_high_latency() {
+    let report = |stalls: serde_json::Value, latency: f64| {
+        let samples: Vec<_> = (0..(PLAY_SECS * 4.0) as usize)
+            .map(|i| serde_json::json!({ "currentTime": 10.0 + i as f64 * 0.25, "latency": latency }))
+            .collect();
+        serde_json::json!({ "samples": samples, "playing_since": 1.0, "stalls": stalls, "events": [] })
+    };
+    assert!(realtime_problems(&report(serde_json::json!([]), 1.1)).is_empty());
+    // A start-up stall (first 3 s of playback) up to 3 s is allowed; after it, up to 0.5 s.
+    let ok =
+        serde_json::json!([{ "start": 2.0, "duration": 2.5 }, { "start": 9.0, "duration": 0.4 }]);
+    assert!(realtime_problems(&report(ok, 1.1)).is_empty());
+    let late = serde_json::json!([{ "start": 9.0, "duration": 0.6 }]);
+    let p = realtime_problems(&report(late, 1.1));
+    assert!(
+        p.len() == 1 && p[0].starts_with("stall of 0.600 s"),
+        "{p:?}"
+    );
+    let p = realtime_problems(&report(serde_json::json!([]), 3.2));
+    assert!(
+        p.len() == 1 && p[0].contains("latency up to 3.200 s"),
+        "{p:?}"
+    );
+    let p = realtime_problems(&report(serde_json::json!([]), -0.1));
+    assert!(p.len() == 1 && p[0].contains("clock"), "{p:?}");
 }

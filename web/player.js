@@ -17,10 +17,23 @@ const stats = {
   playingSince: null, // page time (s) playback first began
   recoveries: 0, // stalls ended by jumping to the live edge
   errors: [],
+  // The last events (part/segment loads, level switches, errors, stalls), for diagnosing a stall.
+  events: [],
 };
 window.livepopStats = stats;
 let hls = null;
 let stallStart = null;
+
+// Seconds buffered ahead of the playhead.
+function ahead() {
+  const b = video.buffered;
+  return b.length ? Math.max(0, b.end(b.length - 1) - video.currentTime) : 0;
+}
+
+function note(what, detail) {
+  stats.events.push({ t: Number((performance.now() / 1000).toFixed(3)), what, ...detail });
+  if (stats.events.length > 2000) stats.events.splice(0, 500);
+}
 
 function message(text) {
   $('message').hidden = !text;
@@ -62,8 +75,28 @@ function play(name) {
     data.levels.forEach((l, i) => q.add(new Option(`${l.height}p (${Math.round(l.bitrate / 1000)} kbit/s)`, String(i))));
     video.play().catch((e) => stats.errors.push(`play: ${e.message}`));
   });
-  hls.on(Hls.Events.LEVEL_SWITCHED, (_e, data) => { stats.level = data.level; });
+  hls.on(Hls.Events.LEVEL_SWITCHED, (_e, data) => { stats.level = data.level; note('level', { level: data.level }); });
+  hls.on(Hls.Events.FRAG_BUFFERED, (_e, { frag, part, stats: s }) => {
+    const ms = (x) => Math.round(x - s.loading.start);
+    note(part ? 'part' : 'segment', {
+      level: frag.level, sn: frag.sn, part: part ? part.index : null, start: Number((part || frag).start.toFixed(3)),
+      ttfb_ms: ms(s.loading.first), load_ms: ms(s.loading.end), buffered_ms: ms(s.buffering.end),
+      buffer: Number(ahead().toFixed(3)),
+    });
+  });
+  hls.on(Hls.Events.FRAG_LOADING, (_e, { frag, part }) => {
+    note('load', { level: frag.level, sn: frag.sn, part: part ? part.index : null, ct: Number(video.currentTime.toFixed(3)) });
+  });
+  hls.on(Hls.Events.LEVEL_UPDATED, (_e, { details: d }) => {
+    const last = d.fragments[d.fragments.length - 1];
+    note('playlist', { end_sn: last && last.sn, parts: d.partList ? d.partList.length : 0, edge: Number(d.edge.toFixed(3)), delta: !!d.deltaUpdateFailed, age: Number(d.age.toFixed(3)) });
+  });
+  hls.on(Hls.Events.BUFFER_APPENDED, (_e, { type, timeRanges }) => {
+    const r = (tr) => tr ? Array.from({ length: tr.length }, (_, i) => [Number(tr.start(i).toFixed(3)), Number(tr.end(i).toFixed(3))]) : null;
+    note('appended', { type, ranges: r(timeRanges && timeRanges[type]) });
+  });
   hls.on(Hls.Events.ERROR, (_e, data) => {
+    note('error', { details: data.details, fatal: data.fatal });
     stats.errors.push(`${data.type}: ${data.details}${data.fatal ? ' (fatal)' : ''}`);
     if (!data.fatal) return;
     if (data.type === Hls.ErrorTypes.MEDIA_ERROR) hls.recoverMediaError();
@@ -82,6 +115,8 @@ video.addEventListener('waiting', () => {
   if (stats.playing && stallStart === null) {
     stallStart = performance.now();
     stats.stalls.push({ start: stallStart / 1000, duration: null });
+    const b = video.buffered;
+    note('waiting', { currentTime: video.currentTime, ranges: Array.from({ length: b.length }, (_, i) => [b.start(i), b.end(i)]) });
   }
 });
 video.addEventListener('playing', () => {
@@ -90,6 +125,7 @@ video.addEventListener('playing', () => {
   if (stallStart !== null) {
     stats.stalls[stats.stalls.length - 1].duration = (performance.now() - stallStart) / 1000;
     stallStart = null;
+    note('playing', { currentTime: video.currentTime });
   }
 });
 
@@ -101,13 +137,13 @@ function update() {
     if (edge && edge > video.currentTime) {
       update.jumped = true;
       stats.recoveries += 1;
+      note('jump', { from: video.currentTime, to: edge });
       video.currentTime = edge;
     }
   }
   if (stallStart === null) update.jumped = false;
   stats.currentTime = video.currentTime;
-  const b = video.buffered;
-  stats.buffer = b.length ? Math.max(0, b.end(b.length - 1) - video.currentTime) : 0;
+  stats.buffer = ahead();
   const date = hls && hls.playingDate;
   stats.latency = date && stats.playing ? (Date.now() - date.getTime()) / 1000 : null;
   $('latency').textContent = stats.latency === null ? '–' : `${stats.latency.toFixed(2)} s`;

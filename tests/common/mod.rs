@@ -847,3 +847,141 @@ pub fn loadtest_bin() -> PathBuf {
     );
     p
 }
+
+/// Whether the machine ran us during a real-time measurement: CPU time the hypervisor stole
+/// (/proc/stat) and how late a thread that sleeps 10 ms at a time woke up. Playback in real time
+/// cannot be judged on a machine that was not running it.
+pub struct MachineWatch {
+    start: Instant,
+    stat0: Vec<u64>,
+    pressure0: Option<u64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    lateness: Arc<Mutex<Vec<(f64, f64)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What a `MachineWatch` saw.
+#[derive(Debug)]
+pub struct MachineReport {
+    pub secs: f64,
+    /// Share of all CPU time stolen by the hypervisor.
+    pub steal: f64,
+    /// Share of all CPU time idle.
+    pub idle: f64,
+    /// Share of the time some runnable task waited for a CPU (/proc/pressure/cpu), if known.
+    pub cpu_pressure: Option<f64>,
+    /// (seconds since the watch began, how late) for wake-ups over 100 ms late.
+    pub late_wakeups: Vec<(f64, f64)>,
+}
+
+fn cpu_stat() -> Vec<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Microseconds some task waited for a CPU since boot (PSI).
+fn cpu_pressure_us() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
+    let some = s.lines().find(|l| l.starts_with("some "))?;
+    some.split_whitespace()
+        .find_map(|kv| kv.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
+impl MachineWatch {
+    pub fn start() -> Self {
+        let start = Instant::now();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lateness = Arc::new(Mutex::new(vec![]));
+        let (s, l) = (stop.clone(), lateness.clone());
+        let thread = std::thread::spawn(move || {
+            let tick = Duration::from_millis(10);
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                std::thread::sleep(tick);
+                let late = t.elapsed().saturating_sub(tick).as_secs_f64();
+                if late > 0.1 {
+                    l.lock()
+                        .unwrap()
+                        .push((t.duration_since(start).as_secs_f64(), late));
+                }
+            }
+        });
+        MachineWatch {
+            start,
+            stat0: cpu_stat(),
+            pressure0: cpu_pressure_us(),
+            stop,
+            lateness,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn finish(mut self) -> MachineReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let stat1 = cpu_stat();
+        let d: Vec<u64> = stat1
+            .iter()
+            .zip(&self.stat0)
+            .map(|(b, a)| b.saturating_sub(*a))
+            .collect();
+        // user nice system idle iowait irq softirq steal guest guest_nice; guest time is
+        // already counted in user.
+        let total: u64 = d.iter().take(8).sum::<u64>().max(1);
+        let share = |i: usize| d.get(i).copied().unwrap_or(0) as f64 / total as f64;
+        let secs = self.start.elapsed().as_secs_f64();
+        let cpu_pressure = self
+            .pressure0
+            .zip(cpu_pressure_us())
+            .map(|(a, b)| b.saturating_sub(a) as f64 / 1e6 / secs);
+        MachineReport {
+            secs,
+            cpu_pressure,
+            steal: share(7),
+            idle: share(3),
+            late_wakeups: self.lateness.lock().unwrap().clone(),
+        }
+    }
+}
+
+impl MachineReport {
+    /// The machine did not run us for a noticeable time: over 5% of CPU time stolen, a sleeping
+    /// thread woken over 250 ms late, or every CPU busy with tasks waiting for one most of the
+    /// time (the browser test alone leaves about half the machine idle).
+    pub fn starved(&self) -> bool {
+        self.steal > 0.05
+            || self.late_wakeups.iter().any(|&(_, late)| late > 0.25)
+            || (self.idle < 0.05 && self.cpu_pressure.is_some_and(|p| p > 0.5))
+    }
+}
+
+impl std::fmt::Display for MachineReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let worst = self.late_wakeups.iter().map(|w| w.1).fold(0.0, f64::max);
+        write!(
+            f,
+            "{:.1} s: {:.1}% CPU stolen by the hypervisor, {:.1}% idle, tasks waiting for a CPU {}, \
+             {} wake-ups over 100 ms late (worst {:.3} s)",
+            self.secs,
+            self.steal * 100.0,
+            self.idle * 100.0,
+            self.cpu_pressure
+                .map_or("(unknown)".into(), |p| format!("{:.1}% of the time", p * 100.0)),
+            self.late_wakeups.len(),
+            worst
+        )
+    }
+}

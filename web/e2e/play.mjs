@@ -50,6 +50,7 @@ try {
   out.recoveries = final.recoveries;
   out.levels = final.levels;
   out.errors = final.errors;
+  out.events = final.events;
   if (screenshot) await page.screenshot({ path: screenshot });
 } catch (e) {
   out.failure = String(e);
