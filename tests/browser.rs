@@ -65,10 +65,11 @@ fn realtime_problems(r: &serde_json::Value) -> Vec<String> {
             s["start"].as_f64().unwrap_or(0.0),
             s["duration"].as_f64().unwrap_or(f64::MAX),
         );
-        let limit = if start >= since + 3.0 { 0.5 } else { 3.0 };
-        if start < since + 3.0 {
+        let startup = start < since + 3.0;
+        if startup {
             eprintln!("start-up stall of {d:.3} s");
         }
+        let limit = if startup { 3.0 } else { 0.5 };
         if d > limit {
             out.push(format!(
                 "stall of {d:.3} s at {start:.3} s (playing since {since:.3} s; limit {limit} s); \

@@ -30,6 +30,11 @@ function ahead() {
   return b.length ? Math.max(0, b.end(b.length - 1) - video.currentTime) : 0;
 }
 
+// A TimeRanges object as [[start, end], …] in ms-rounded seconds.
+function ranges(tr) {
+  return tr ? Array.from({ length: tr.length }, (_, i) => [Number(tr.start(i).toFixed(3)), Number(tr.end(i).toFixed(3))]) : null;
+}
+
 function note(what, detail) {
   stats.events.push({ t: Number((performance.now() / 1000).toFixed(3)), what, ...detail });
   if (stats.events.length > 2000) stats.events.splice(0, 500);
@@ -92,8 +97,7 @@ function play(name) {
     note('playlist', { end_sn: last && last.sn, parts: d.partList ? d.partList.length : 0, edge: Number(d.edge.toFixed(3)), delta: !!d.deltaUpdateFailed, age: Number(d.age.toFixed(3)) });
   });
   hls.on(Hls.Events.BUFFER_APPENDED, (_e, { type, timeRanges }) => {
-    const r = (tr) => tr ? Array.from({ length: tr.length }, (_, i) => [Number(tr.start(i).toFixed(3)), Number(tr.end(i).toFixed(3))]) : null;
-    note('appended', { type, ranges: r(timeRanges && timeRanges[type]) });
+    note('appended', { type, ranges: ranges(timeRanges && timeRanges[type]) });
   });
   hls.on(Hls.Events.ERROR, (_e, data) => {
     note('error', { details: data.details, fatal: data.fatal });
@@ -115,8 +119,7 @@ video.addEventListener('waiting', () => {
   if (stats.playing && stallStart === null) {
     stallStart = performance.now();
     stats.stalls.push({ start: stallStart / 1000, duration: null });
-    const b = video.buffered;
-    note('waiting', { currentTime: video.currentTime, ranges: Array.from({ length: b.length }, (_, i) => [b.start(i), b.end(i)]) });
+    note('waiting', { currentTime: video.currentTime, ranges: ranges(video.buffered) });
   }
 });
 video.addEventListener('playing', () => {
