@@ -20,6 +20,7 @@ command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
 # The test command also needs a browser: Debian's Chromium (tests/browser.rs).
 if [ "${LIVEPOP_TEST_DEPS:-0}" = 1 ]; then
   APT_PACKAGES+=(chromium)
+  APT_PACKAGES+=(iproute2) # ss: a unit test reads the listeners' backlog
 fi
 
 missing=()

@@ -13,7 +13,7 @@ use crate::telemetry::{CoreMetrics, EdgeMetrics};
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinSet;
 use tracing::info;
 
@@ -25,10 +25,35 @@ pub struct Running {
     pub tasks: JoinSet<()>,
 }
 
-async fn bind(what: &str, addr: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {what} on {addr}"))
+/// Listen backlog of every TCP listener; the kernel caps it at `net.core.somaxconn`. Tokio's
+/// default (1024) overflows when a crowd connects at once (a stream going live, players
+/// reconnecting after a blip): the kernel then drops handshakes and falls back to SYN cookies
+/// and retransmits, which costs those viewers a second or more and can reset a connection.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds a TCP listener on `addr` (`what` names the config key in errors).
+pub(crate) async fn bind(what: &str, addr: &str) -> Result<TcpListener> {
+    let ctx = || format!("binding {what} on {addr}");
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await.with_context(ctx)? {
+        match listen_on(a) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or_else(|| anyhow::anyhow!("no address"), Into::into)).with_context(ctx)
+}
+
+fn listen_on(a: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if a.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As std and tokio do: a restarted server can bind while old connections linger.
+    s.set_reuseaddr(true)?;
+    s.bind(a)?;
+    s.listen(LISTEN_BACKLOG)
 }
 
 /// Starts an edge: RTMP(S) ingest, the relay to the cores, the admin server.
@@ -132,4 +157,41 @@ pub async fn start_core(cfg: CoreConfig, shutdown: Shutdown) -> Result<Running> 
         info!(listener = n, addr = %a, "core listening");
     }
     Ok(Running { addrs, tasks })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listen backlog the kernel reports for a listening port (`ss`, iproute2).
+    fn backlog(port: u16) -> u32 {
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // State, Recv-Q (queued now), Send-Q (the backlog), local, peer.
+        let f: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(f.first(), Some(&"LISTEN"), "ss printed {text:?}");
+        f[2].parse().unwrap()
+    }
+
+    /// A burst of a thousand viewers fits in the accept queue, so none waits on a SYN retransmit
+    /// (a second) or a SYN cookie; the kernel's own cap is the only limit.
+    #[tokio::test]
+    async fn listeners_queue_what_the_kernel_allows() {
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let l = bind("test.listen", "127.0.0.1:0").await.unwrap();
+        let got = backlog(l.local_addr().unwrap().port());
+        assert_eq!(got, LISTEN_BACKLOG.min(somaxconn));
+        assert!(somaxconn < 4096 || got >= 4096, "backlog {got}");
+        let e = bind("test.listen", &l.local_addr().unwrap().to_string())
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("binding test.listen on 127.0.0.1:"));
+    }
 }

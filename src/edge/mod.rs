@@ -20,7 +20,6 @@ use pingora::server::configuration::ServerConf;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -77,9 +76,7 @@ pub async fn start(
         Arc::new(move || m.http_refused.inc())
     };
     let mut addrs = vec![];
-    let l = TcpListener::bind(&cfg.listen)
-        .await
-        .with_context(|| format!("binding playback.listen on {}", cfg.listen))?;
+    let l = crate::roles::bind("playback.listen", &cfg.listen).await?;
     addrs.push(("http", l.local_addr()?));
     tasks.spawn(server::serve(
         l,
@@ -99,9 +96,7 @@ pub async fn start(
         let tls = crate::certs::server_config(cert, key, &[b"h2", b"http/1.1"])
             .with_context(|| format!("playback certificate {}", cert.display()))?;
         let acceptor = Arc::new(Acceptor::from_server_config(Arc::new(tls)));
-        let l = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding playback.tls_listen on {listen}"))?;
+        let l = crate::roles::bind("playback.tls_listen", listen).await?;
         addrs.push(("https", l.local_addr()?));
         tasks.spawn(server::serve(
             l,
