@@ -28,6 +28,14 @@ fn events_around(r: &serde_json::Value, from: f64, to: f64) -> String {
     out
 }
 
+/// The PROGRAM-DATE-TIME latencies (s) of the samples that have one.
+fn latencies(samples: &[serde_json::Value]) -> Vec<f64> {
+    samples
+        .iter()
+        .filter_map(|s| s["latency"].as_f64())
+        .collect()
+}
+
 /// What went wrong with playback in real time, judged from the browser's report: the video's
 /// clock advances with real time and never goes back; after start-up no stall longer than 0.5 s;
 /// PROGRAM-DATE-TIME latency known, positive and under 3 s.
@@ -79,10 +87,7 @@ fn realtime_problems(r: &serde_json::Value) -> Vec<String> {
         }
     }
 
-    let lat: Vec<f64> = samples
-        .iter()
-        .filter_map(|s| s["latency"].as_f64())
-        .collect();
+    let lat = latencies(&samples);
     if (lat.len() as f64) < samples.len() as f64 * 0.9 {
         out.push(format!(
             "latency known in {} of {} samples",
@@ -192,10 +197,7 @@ fn the_player_page_plays_the_demo_with_low_latency_in_chromium() {
     };
 
     let samples = r["samples"].as_array().unwrap();
-    let lat: Vec<f64> = samples
-        .iter()
-        .filter_map(|s| s["latency"].as_f64())
-        .collect();
+    let lat = latencies(samples);
     eprintln!(
         "latency {:.3}..{:.3} s over {} samples",
         lat.iter().cloned().fold(f64::MAX, f64::min),

@@ -30,13 +30,16 @@ function ahead() {
   return b.length ? Math.max(0, b.end(b.length - 1) - video.currentTime) : 0;
 }
 
+// Seconds rounded to the millisecond, for the event log.
+const secs = (x) => Number(x.toFixed(3));
+
 // A TimeRanges object as [[start, end], …] in ms-rounded seconds.
 function ranges(tr) {
-  return tr ? Array.from({ length: tr.length }, (_, i) => [Number(tr.start(i).toFixed(3)), Number(tr.end(i).toFixed(3))]) : null;
+  return tr ? Array.from({ length: tr.length }, (_, i) => [secs(tr.start(i)), secs(tr.end(i))]) : null;
 }
 
 function note(what, detail) {
-  stats.events.push({ t: Number((performance.now() / 1000).toFixed(3)), what, ...detail });
+  stats.events.push({ t: secs(performance.now() / 1000), what, ...detail });
   if (stats.events.length > 2000) stats.events.splice(0, 500);
 }
 
@@ -84,17 +87,17 @@ function play(name) {
   hls.on(Hls.Events.FRAG_BUFFERED, (_e, { frag, part, stats: s }) => {
     const ms = (x) => Math.round(x - s.loading.start);
     note(part ? 'part' : 'segment', {
-      level: frag.level, sn: frag.sn, part: part ? part.index : null, start: Number((part || frag).start.toFixed(3)),
+      level: frag.level, sn: frag.sn, part: part ? part.index : null, start: secs((part || frag).start),
       ttfb_ms: ms(s.loading.first), load_ms: ms(s.loading.end), buffered_ms: ms(s.buffering.end),
-      buffer: Number(ahead().toFixed(3)),
+      buffer: secs(ahead()),
     });
   });
   hls.on(Hls.Events.FRAG_LOADING, (_e, { frag, part }) => {
-    note('load', { level: frag.level, sn: frag.sn, part: part ? part.index : null, ct: Number(video.currentTime.toFixed(3)) });
+    note('load', { level: frag.level, sn: frag.sn, part: part ? part.index : null, ct: secs(video.currentTime) });
   });
   hls.on(Hls.Events.LEVEL_UPDATED, (_e, { details: d }) => {
     const last = d.fragments[d.fragments.length - 1];
-    note('playlist', { end_sn: last && last.sn, parts: d.partList ? d.partList.length : 0, edge: Number(d.edge.toFixed(3)), delta: !!d.deltaUpdateFailed, age: Number(d.age.toFixed(3)) });
+    note('playlist', { end_sn: last && last.sn, parts: d.partList ? d.partList.length : 0, edge: secs(d.edge), delta: !!d.deltaUpdateFailed, age: secs(d.age) });
   });
   hls.on(Hls.Events.BUFFER_APPENDED, (_e, { type, timeRanges }) => {
     note('appended', { type, ranges: ranges(timeRanges && timeRanges[type]) });
