@@ -7,7 +7,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use prometheus::Registry;
-use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -22,58 +21,43 @@ fn respond(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes
         .unwrap_or_default()
 }
 
-/// Serves the admin endpoints on `listener` until shutdown.
+/// Serves the admin endpoints on `listener` until shutdown, within `limits`; refused and
+/// timed-out connections are counted in `refused` by reason.
 pub async fn serve(
     listener: TcpListener,
+    limits: crate::httpd::HttpLimits,
     registry: Registry,
     ready: ReadyFn,
-    mut shutdown: Shutdown,
+    refused: prometheus::IntCounterVec,
+    shutdown: Shutdown,
 ) {
-    loop {
-        let (sock, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
+    let handler: crate::httpd::Handler = Arc::new(move |req: Request<hyper::body::Incoming>| {
+        let r = match req.uri().path() {
+            "/metrics" => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                crate::telemetry::render(&registry),
+            ),
+            "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" => {
+                if ready() {
+                    respond(StatusCode::OK, "text/plain", "ready\n".into())
+                } else {
+                    respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready\n".into(),
+                    )
                 }
-            },
-            _ = shutdown.wait() => return,
+            }
+            _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         };
-        let registry = registry.clone();
-        let ready = ready.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let registry = registry.clone();
-                let ready = ready.clone();
-                async move {
-                    let r = match req.uri().path() {
-                        "/metrics" => respond(
-                            StatusCode::OK,
-                            "text/plain; version=0.0.4",
-                            crate::telemetry::render(&registry),
-                        ),
-                        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
-                        "/readyz" => {
-                            if ready() {
-                                respond(StatusCode::OK, "text/plain", "ready\n".into())
-                            } else {
-                                respond(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    "text/plain",
-                                    "not ready\n".into(),
-                                )
-                            }
-                        }
-                        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-                    };
-                    Ok::<_, Infallible>(r)
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(sock);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
+        crate::httpd::ready(r)
+    });
+    let on_refused: crate::limits::OnTrip =
+        Arc::new(move |reason| refused.with_label_values(&[reason]).inc());
+    crate::httpd::serve(
+        "admin", listener, limits, false, handler, on_refused, shutdown,
+    )
+    .await
 }

@@ -8,6 +8,7 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A configuration problem: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,41 @@ fn default_core_id() -> String {
 pub struct AdminConfig {
     /// Address of the admin HTTP server, e.g. "127.0.0.1:9090".
     pub listen: String,
+    /// Admin connections at once; more are closed at once.
+    #[serde(default = "default_admin_connections")]
+    pub max_connections: usize,
+    /// A request's headers must arrive within this time of connecting (ms).
+    #[serde(default = "default_admin_header_timeout")]
+    pub header_timeout_ms: u64,
+    /// A kept-alive admin connection with no request for this long is closed (ms).
+    #[serde(default = "default_admin_idle")]
+    pub idle_timeout_ms: u64,
+    /// A client that accepts no response bytes for this long is dropped (ms).
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
+}
+
+fn default_admin_connections() -> usize {
+    64
+}
+fn default_admin_header_timeout() -> u64 {
+    5_000
+}
+fn default_admin_idle() -> u64 {
+    30_000
+}
+
+impl AdminConfig {
+    /// The admin listener's limits (no per-source cap: one Prometheus scrapes many targets).
+    pub fn limits(&self) -> crate::httpd::HttpLimits {
+        crate::httpd::HttpLimits {
+            max_connections: self.max_connections,
+            max_connections_per_ip: 0,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+        }
+    }
 }
 
 /// What happens when a second publisher claims a stream that is already live.
@@ -100,6 +136,10 @@ pub struct RtmpConfig {
     /// Maximum concurrent RTMP and RTMPS connections; further connections are closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Maximum concurrent RTMP and RTMPS connections from one source address (IPv6: one /64);
+    /// 0 for no cap.
+    #[serde(default = "default_rtmp_per_ip")]
+    pub max_connections_per_ip: usize,
     /// Maximum bytes one connection may hold in partly received messages.
     #[serde(default = "default_max_buffered")]
     pub max_buffered_bytes: usize,
@@ -115,6 +155,14 @@ pub struct RtmpConfig {
     /// The RTMP handshake must complete within this time (milliseconds).
     #[serde(default = "default_handshake_ms")]
     pub handshake_timeout_ms: u64,
+    /// A connection must be publishing with a valid key within this time of connecting
+    /// (milliseconds); otherwise it is closed, however it keeps itself busy.
+    #[serde(default = "default_publish_ms")]
+    pub publish_timeout_ms: u64,
+    /// A publisher that accepts none of our bytes (acknowledgements, status) for this long is
+    /// disconnected (milliseconds).
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
     /// What to do when a second publisher claims a live stream: "reject" or "replace".
     #[serde(default)]
     pub on_duplicate: DuplicatePolicy,
@@ -140,6 +188,12 @@ fn default_stall_ms() -> u64 {
 }
 fn default_handshake_ms() -> u64 {
     5_000
+}
+fn default_publish_ms() -> u64 {
+    10_000
+}
+fn default_rtmp_per_ip() -> usize {
+    16
 }
 
 /// RTMP over TLS.
@@ -273,6 +327,11 @@ pub struct PlaybackConfig {
     /// Viewer connections at once (HTTP and HTTPS together); more are closed at once.
     #[serde(default = "default_max_viewer_connections")]
     pub max_connections: usize,
+    /// Viewer connections at once from one source address (IPv6: one /64), HTTP and HTTPS
+    /// together; 0 for no cap. Viewers behind one carrier-grade NAT share an address: keep it
+    /// well above what one household opens.
+    #[serde(default = "default_viewer_per_ip")]
+    pub max_connections_per_ip: usize,
     /// A request's headers (and the TLS handshake) must arrive within this time (ms).
     #[serde(default = "default_header_timeout")]
     pub header_timeout_ms: u64,
@@ -299,6 +358,9 @@ fn default_upstream_timeout() -> u64 {
 }
 fn default_max_viewer_connections() -> usize {
     20_000
+}
+fn default_viewer_per_ip() -> usize {
+    256
 }
 fn default_header_timeout() -> u64 {
     10_000
@@ -358,6 +420,47 @@ pub struct OriginConfig {
     /// tests; a busy origin logs a lot.
     #[serde(default)]
     pub access_log: bool,
+    /// Connections at once (edges keep pools of kept-alive connections); more are closed at
+    /// once.
+    #[serde(default = "default_origin_connections")]
+    pub max_connections: usize,
+    /// Connections at once from one source address; 0 (the default) for no cap, since all of an
+    /// edge's connections come from one address.
+    #[serde(default)]
+    pub max_connections_per_ip: usize,
+    /// The first request's headers must arrive within this time of connecting (ms).
+    #[serde(default = "default_origin_header_timeout")]
+    pub header_timeout_ms: u64,
+    /// A kept-alive connection with no request for this long is closed (ms). Keep it above the
+    /// edges' upstream keep-alive (60 s), so that edges close idle connections first.
+    #[serde(default = "default_origin_idle")]
+    pub idle_timeout_ms: u64,
+    /// A client that accepts no response bytes for this long is dropped (ms).
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
+}
+
+fn default_origin_connections() -> usize {
+    10_000
+}
+fn default_origin_header_timeout() -> u64 {
+    5_000
+}
+fn default_origin_idle() -> u64 {
+    75_000
+}
+
+impl OriginConfig {
+    /// The origin listener's limits.
+    pub fn limits(&self) -> crate::httpd::HttpLimits {
+        crate::httpd::HttpLimits {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+        }
+    }
 }
 
 /// The transcoding ladder of every stream.

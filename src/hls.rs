@@ -363,6 +363,50 @@ impl Directives {
     }
 }
 
+/// An object of a rendition's folder, by the name playlists give it: the one URL scheme the
+/// origin serves and the edge caches (`index.m3u8`, `init-E.mp4`, `sM.m4s`, `sM.P.m4s`).
+/// Numbers must be in canonical decimal (no sign, no leading zero, within u64): `s0123.m4s`
+/// and `s123.m4s` would otherwise be two cache entries, and two origin fetches, of one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectName {
+    /// The media playlist.
+    Playlist,
+    /// An init segment (by publishing epoch).
+    Init(u64),
+    /// A whole segment.
+    Segment(u64),
+    /// Part `.1` of segment `.0`.
+    Part(u64, u64),
+}
+
+fn canonical_u64(s: &str) -> Option<u64> {
+    let digits = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits || (s.len() > 1 && s.starts_with('0')) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+impl ObjectName {
+    /// Parses a file name; None for anything the origin never names.
+    pub fn parse(file: &str) -> Option<Self> {
+        if file == "index.m3u8" {
+            return Some(ObjectName::Playlist);
+        }
+        if let Some(id) = file
+            .strip_prefix("init-")
+            .and_then(|f| f.strip_suffix(".mp4"))
+        {
+            return canonical_u64(id).map(ObjectName::Init);
+        }
+        let stem = file.strip_prefix('s')?.strip_suffix(".m4s")?;
+        match stem.split_once('.') {
+            None => canonical_u64(stem).map(ObjectName::Segment),
+            Some((m, p)) => Some(ObjectName::Part(canonical_u64(m)?, canonical_u64(p)?)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,6 +445,37 @@ mod tests {
             preload_hint: Some(format!("s{n}.3.m4s")),
             ended: false,
         }
+    }
+
+    #[test]
+    fn object_names_are_canonical() {
+        use ObjectName::*;
+        assert_eq!(ObjectName::parse("index.m3u8"), Some(Playlist));
+        assert_eq!(ObjectName::parse("init-77.mp4"), Some(Init(77)));
+        assert_eq!(ObjectName::parse("s0.m4s"), Some(Segment(0)));
+        assert_eq!(ObjectName::parse("s123.m4s"), Some(Segment(123)));
+        assert_eq!(ObjectName::parse("s123.0.m4s"), Some(Part(123, 0)));
+        for bad in [
+            "s0123.m4s",
+            "s123.00.m4s",
+            "s123.01.m4s",
+            "s+1.m4s",
+            "s.m4s",
+            "s1..m4s",
+            "s1.2.3.m4s",
+            "s18446744073709551616.m4s",
+            "init-077.mp4",
+            "init-.mp4",
+            "init.mp4",
+            "S1.m4s",
+            "s1.M4S",
+        ] {
+            assert_eq!(ObjectName::parse(bad), None, "{bad}");
+        }
+        assert_eq!(
+            ObjectName::parse("s18446744073709551615.0.m4s"),
+            Some(Part(u64::MAX, 0))
+        );
     }
 
     #[test]

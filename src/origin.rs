@@ -18,7 +18,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -527,45 +526,45 @@ fn error(status: StatusCode, msg: &str) -> Resp {
     )
 }
 
+/// A refusal of something that does not exist *yet* (a part or segment past the live edge, a
+/// directive too far ahead): never stored by a cache, so one viewer asking ahead cannot turn
+/// media that appears a moment later into an error for everyone else.
+fn not_yet(status: StatusCode, msg: &str) -> Resp {
+    resp(
+        status,
+        "text/plain",
+        "no-store",
+        Bytes::from(format!("{msg}\n")),
+    )
+}
+
 const M3U8: &str = "application/vnd.apple.mpegurl";
 
 impl Origin {
-    /// Serves HTTP/1.1 and h2c on `listener` until shutdown.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: Shutdown) {
-        loop {
-            let (sock, _) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "origin accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+    /// Serves HTTP/1.1 and h2c on `listener` until shutdown, within the configured limits.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        let limits = self.cfg.limits();
+        let refused = self.metrics.origin_refused.clone();
+        let on_refused: crate::limits::OnTrip =
+            Arc::new(move |reason| refused.with_label_values(&[reason]).inc());
+        let me = self.clone();
+        let handler: crate::httpd::Handler =
+            Arc::new(move |req: Request<hyper::body::Incoming>| {
+                let me = me.clone();
+                Box::pin(async move {
+                    let uri = me.cfg.access_log.then(|| req.uri().to_string());
+                    let method = req.method().clone();
+                    let resp = me.handle(req).await;
+                    if let Some(uri) = uri {
+                        info!(%method, uri, status = resp.status().as_u16(), "origin request");
                     }
-                },
-                _ = shutdown.wait() => return,
-            };
-            let _ = sock.set_nodelay(true);
-            let me = self.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let me = me.clone();
-                    async move {
-                        let uri = me.cfg.access_log.then(|| req.uri().to_string());
-                        let resp = me.handle(req).await;
-                        if let Some(uri) = uri {
-                            info!(uri, status = resp.status().as_u16(), "origin request");
-                        }
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                let io = hyper_util::rt::TokioIo::new(sock);
-                let mut b = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                );
-                b.http2().max_concurrent_streams(1000);
-                let _ = b.serve_connection(io, svc).await;
+                    resp
+                })
             });
-        }
+        crate::httpd::serve(
+            "origin", listener, limits, true, handler, on_refused, shutdown,
+        )
+        .await
     }
 
     /// Answers one request.
@@ -695,7 +694,7 @@ impl Origin {
                 let p = r.lock();
                 if !p.playlist.ended {
                     if let Err(e) = too_far_ahead(&p, msn, d.part) {
-                        return error(StatusCode::BAD_REQUEST, &e);
+                        return not_yet(StatusCode::BAD_REQUEST, &e);
                     }
                 }
             }
@@ -766,23 +765,18 @@ impl Origin {
 
     async fn media_file(&self, r: &Rendition, file: &str) -> Resp {
         let td = u64::from(self.cfg.target_duration_s);
-        if file.starts_with("init") && file.ends_with(".mp4") {
-            return match r.lock().init_segment(file) {
-                Some(b) => resp(StatusCode::OK, "video/mp4", "max-age=86400", b),
-                None => error(StatusCode::NOT_FOUND, "no such init segment"),
-            };
-        }
-        let Some(stem) = file.strip_prefix('s').and_then(|f| f.strip_suffix(".m4s")) else {
-            return error(StatusCode::NOT_FOUND, "not found");
-        };
-        let mut nums = stem.split('.');
-        let msn: Option<u64> = nums.next().and_then(|n| n.parse().ok());
-        let part: Option<Option<u64>> = match nums.next() {
-            None => Some(None),
-            Some(p) => p.parse().ok().map(Some),
-        };
-        let (Some(msn), Some(part), None) = (msn, part, nums.next()) else {
-            return error(StatusCode::NOT_FOUND, "not found");
+        let (msn, part) = match hls::ObjectName::parse(file) {
+            Some(hls::ObjectName::Init(_)) => {
+                return match r.lock().init_segment(file) {
+                    Some(b) => resp(StatusCode::OK, "video/mp4", "max-age=86400", b),
+                    None => error(StatusCode::NOT_FOUND, "no such init segment"),
+                };
+            }
+            Some(hls::ObjectName::Segment(m)) => (m, None),
+            Some(hls::ObjectName::Part(m, p)) => (m, Some(p)),
+            Some(hls::ObjectName::Playlist) | None => {
+                return error(StatusCode::NOT_FOUND, "not found");
+            }
         };
         let mut rx = r.version.subscribe();
         let deadline = tokio::time::Instant::now() + self.hold_limit();
@@ -803,7 +797,13 @@ impl Origin {
                     };
                     return stamped(resp(StatusCode::OK, "video/mp4", &cache, b), r.changed_us());
                 }
-                Lookup::Missing => return error(StatusCode::NOT_FOUND, "no such part or segment"),
+                Lookup::Missing => {
+                    return if r.lock().is_ahead(msn, part) {
+                        not_yet(StatusCode::NOT_FOUND, "part or segment not yet available")
+                    } else {
+                        error(StatusCode::NOT_FOUND, "no such part or segment")
+                    };
+                }
                 // A preload-hinted part (or an in-progress segment): hold until complete.
                 Lookup::Pending => {
                     if tokio::time::timeout_at(deadline, rx.changed())
@@ -828,7 +828,7 @@ fn too_far_ahead(p: &Packager, msn: u64, part: Option<u64>) -> Result<(), String
     if p.playlist.segments.is_empty() {
         return Ok(());
     }
-    if msn > last_msn + 2 {
+    if msn > last_msn.saturating_add(2) {
         return Err(format!(
             "_HLS_msn={msn} is more than two segments past the last ({last_msn})"
         ));
@@ -844,9 +844,10 @@ fn too_far_ahead(p: &Packager, msn: u64, part: Option<u64>) -> Result<(), String
             .round()
             .max(1.0) as u64;
         let (lm, lp) = p.playlist.last_part().unwrap_or((last_msn, 0));
-        let want = msn * per_seg + part;
-        let have = lm * per_seg + lp;
-        if want > have + limit {
+        // Saturating: the directives are the client's numbers (u64::MAX included).
+        let want = msn.saturating_mul(per_seg).saturating_add(part);
+        let have = lm.saturating_mul(per_seg).saturating_add(lp);
+        if want > have.saturating_add(limit) {
             return Err(format!(
                 "_HLS_part={part} of segment {msn} is more than {limit} parts past the last part"
             ));

@@ -613,6 +613,25 @@ impl Packager {
         }
     }
 
+    /// Whether part `idx` of segment `msn` (the whole segment when None) lies past everything
+    /// produced so far: a request for it is early, not for something gone.
+    pub fn is_ahead(&self, msn: u64, idx: Option<u64>) -> bool {
+        if self.playlist.ended {
+            return false;
+        }
+        match self.playlist.segments.last() {
+            None => msn >= self.next_msn,
+            Some(s) => {
+                msn > s.msn
+                    || (msn == s.msn
+                        && match idx {
+                            Some(i) => i >= s.parts.len() as u64,
+                            None => !s.complete,
+                        })
+            }
+        }
+    }
+
     /// Segment `msn`, complete.
     pub fn segment(&self, msn: u64) -> Lookup {
         let complete = self

@@ -111,8 +111,10 @@ pub async fn start_edge(cfg: EdgeConfig, shutdown: Shutdown) -> Result<Running> 
     let r2 = relay.clone();
     tasks.spawn(crate::admin::serve(
         admin,
+        cfg.admin.limits(),
         metrics.registry.clone(),
         Arc::new(move || r2.any_core_up()),
+        metrics.admin_refused.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(relay.run(shutdown.clone()));
@@ -148,8 +150,10 @@ pub async fn start_core(cfg: CoreConfig, shutdown: Shutdown) -> Result<Running> 
     addrs.push(("admin", admin.local_addr()?));
     tasks.spawn(crate::admin::serve(
         admin,
+        cfg.admin.limits(),
         metrics.registry.clone(),
         Arc::new(|| true),
+        metrics.admin_refused.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(relay.run(shutdown.clone()));

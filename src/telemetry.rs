@@ -84,6 +84,11 @@ pub struct EdgeMetrics {
     pub http_hold: HistogramVec,
     /// Viewer connections refused at the connection limit.
     pub http_refused: IntCounter,
+    /// Viewer connections and requests refused or cut off, by reason (connection_limit,
+    /// per_ip_limit, header_timeout, idle_timeout, write_timeout, token_*).
+    pub edge_refused: IntCounterVec,
+    /// Admin connections refused or cut off, by reason.
+    pub admin_refused: IntCounterVec,
     /// Responses to viewers by object kind ("other" for the page, the stream list and refused
     /// paths) and status ("0": the viewer left before a response was written).
     pub http_responses: IntCounterVec,
@@ -185,6 +190,13 @@ impl EdgeMetrics {
                 "livepop_edge_connections_refused_total",
                 "Viewer connections refused at the connection limit",
             ),
+            edge_refused: counter_vec(
+                &r,
+                "livepop_edge_refused_total",
+                "Viewer connections and requests refused or cut off, by reason",
+                &["reason"],
+            ),
+            admin_refused: admin_refused(&r),
             registry: r,
         }
     }
@@ -239,6 +251,19 @@ pub struct CoreMetrics {
     /// Time from a part's newest frame reaching the edge to the part's publication, per
     /// rendition (includes the relay and, for transcoded renditions, decoding and encoding).
     pub origin_part_delay: HistogramVec,
+    /// Origin connections and requests refused or cut off, by reason.
+    pub origin_refused: IntCounterVec,
+    /// Admin connections refused or cut off, by reason.
+    pub admin_refused: IntCounterVec,
+}
+
+fn admin_refused(r: &Registry) -> IntCounterVec {
+    counter_vec(
+        r,
+        "livepop_admin_refused_total",
+        "Admin connections refused or cut off, by reason",
+        &["reason"],
+    )
 }
 
 impl CoreMetrics {
@@ -353,6 +378,13 @@ impl CoreMetrics {
                 r.register(Box::new(h.clone())).expect("unique metric");
                 h
             },
+            origin_refused: counter_vec(
+                &r,
+                "livepop_origin_refused_total",
+                "Origin connections and requests refused or cut off, by reason",
+                &["reason"],
+            ),
+            admin_refused: admin_refused(&r),
             transcode_latency: {
                 let h = HistogramVec::new(
                     HistogramOpts::new(

@@ -20,7 +20,6 @@ use pingora::server::configuration::ServerConf;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 /// Binds the playback listeners and starts serving; returns the bound addresses
@@ -67,13 +66,20 @@ pub async fn start(
     opts.h2_idle_timeout = Some(Duration::from_millis(cfg.idle_timeout_ms));
     app.server_options = Some(opts);
     let app = Arc::new(app);
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let slots = crate::limits::ConnLimiter::new(cfg.max_connections, cfg.max_connections_per_ip);
     let limits = server::Limits {
         header_timeout: Duration::from_millis(cfg.header_timeout_ms),
+        idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+        write_timeout: Duration::from_millis(cfg.write_timeout_ms),
     };
-    let refused: Arc<dyn Fn() + Send + Sync> = {
+    let refused: crate::limits::OnTrip = {
         let m = metrics.clone();
-        Arc::new(move || m.http_refused.inc())
+        Arc::new(move |reason| {
+            if reason == "connection_limit" {
+                m.http_refused.inc();
+            }
+            m.edge_refused.with_label_values(&[reason]).inc();
+        })
     };
     let mut addrs = vec![];
     let l = crate::roles::bind("playback.listen", &cfg.listen).await?;

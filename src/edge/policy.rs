@@ -8,7 +8,7 @@
 //! duration); errors are kept as briefly as the origin says, so that a burst of viewers waiting
 //! on a failing request still makes one origin request.
 
-use crate::hls::Directives;
+use crate::hls::{Directives, ObjectName};
 use std::time::Duration;
 
 /// What a playback request asks for; also the `kind` label of the edge metrics.
@@ -95,28 +95,18 @@ pub fn classify(path: &str, query: Option<&str>) -> Result<Playback, Refused> {
     let (stream, kind) = match parts.as_slice() {
         [stream, "master.m3u8"] => (*stream, Kind::Master),
         [stream, _rendition, file] => {
-            let kind = if *file == "index.m3u8" {
-                let d = Directives::parse(query).map_err(|e| Refused::BadRequest(e.to_string()))?;
-                Kind::Playlist {
-                    blocking: d.msn.is_some(),
+            // Only the names the origin gives, in canonical form: one object, one key.
+            let kind = match ObjectName::parse(file).ok_or(Refused::NotFound)? {
+                ObjectName::Playlist => {
+                    let d =
+                        Directives::parse(query).map_err(|e| Refused::BadRequest(e.to_string()))?;
+                    Kind::Playlist {
+                        blocking: d.msn.is_some(),
+                    }
                 }
-            } else if file.starts_with("init") && file.ends_with(".mp4") {
-                Kind::Init
-            } else if let Some(stem) = file.strip_prefix('s').and_then(|f| f.strip_suffix(".m4s")) {
-                let nums: Vec<&str> = stem.split('.').collect();
-                if !nums
-                    .iter()
-                    .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-                {
-                    return Err(Refused::NotFound);
-                }
-                match nums.len() {
-                    1 => Kind::Segment,
-                    2 => Kind::Part,
-                    _ => return Err(Refused::NotFound),
-                }
-            } else {
-                return Err(Refused::NotFound);
+                ObjectName::Init(_) => Kind::Init,
+                ObjectName::Segment(_) => Kind::Segment,
+                ObjectName::Part(..) => Kind::Part,
             };
             (*stream, kind)
         }
@@ -196,6 +186,10 @@ mod tests {
             "/live/demo/src/a.txt",
             "/other/demo/master.m3u8",
             "/live/demo//index.m3u8",
+            "/live/demo/src/s012.m4s",
+            "/live/demo/src/s12.03.m4s",
+            "/live/demo/src/init-077.mp4",
+            "/live/demo/src/init.mp4",
         ] {
             assert_eq!(k(bad, None), Err(Refused::NotFound), "{bad}");
         }

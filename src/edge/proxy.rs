@@ -13,7 +13,9 @@ use super::web;
 use crate::telemetry::EdgeMetrics;
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::cache::lock::CacheKeyLockImpl;
+use pingora::cache::lock::{
+    CacheKeyLock, CacheKeyLockImpl, CacheLock, LockStatus, Locked, WritePermit,
+};
 use pingora::cache::{
     CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, NoCacheReason, RespCacheable,
 };
@@ -27,6 +29,37 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Which cores are reachable now (ids), from the relay's links.
 pub type Health = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+/// pingora-cache's lock, with one more look at the storage once a request holds the write lock.
+/// A request looks the key up, misses, and only then takes the lock; if the writer of that key
+/// finished in between (released its lock after storing the object), the late request would
+/// become a second writer and fetch the object again. Holding the lock, it now sees the object
+/// and reads it instead: one origin request per object, however the requests interleave.
+struct CheckedLock {
+    inner: CacheLock,
+    storage: &'static MokaStorage,
+    age: Duration,
+}
+
+impl CacheKeyLock for CheckedLock {
+    fn lock(&self, key: &CacheKey, stale_writer: bool) -> Locked {
+        match self.inner.lock(key, stale_writer) {
+            Locked::Write(p) if !stale_writer && self.storage.has(key) => {
+                self.inner.release(key, p, LockStatus::Done);
+                // A read lock that is already released: the caller looks up again and hits.
+                let (mut w, stub) = WritePermit::new(self.age, false, http::Extensions::new());
+                let r = stub.read_lock();
+                w.unlock(LockStatus::Done);
+                Locked::Read(r)
+            }
+            other => other,
+        }
+    }
+
+    fn release(&self, key: &CacheKey, permit: WritePermit, reason: LockStatus) {
+        self.inner.release(key, permit, reason)
+    }
+}
 
 /// Settings of the proxy.
 pub struct ProxySettings {
@@ -71,8 +104,11 @@ impl EdgeProxy {
         // A writer holding the lock longer than this is presumed stuck; waiters then compete
         // again. It must outlast a blocking reload the origin holds (3 × target duration).
         let age = settings.upstream_timeout + Duration::from_secs(1);
-        let lock: &'static CacheKeyLockImpl =
-            Box::leak(pingora::cache::lock::CacheLock::new_boxed(age));
+        let lock: &'static CacheKeyLockImpl = Box::leak(Box::new(CheckedLock {
+            inner: CacheLock::new(age),
+            storage,
+            age,
+        }));
         EdgeProxy {
             storage,
             lock,
@@ -214,7 +250,10 @@ impl ProxyHttp for EdgeProxy {
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
-        if ctx.playback.is_some() && session.req_header().method == http::Method::GET {
+        // HEAD shares the GET's key and lock (pingora fetches a HEAD miss with a GET, so the
+        // stored object is whole): one origin request per object whatever the method.
+        let m = &session.req_header().method;
+        if ctx.playback.is_some() && (*m == http::Method::GET || *m == http::Method::HEAD) {
             let mut o = CacheOptionOverrides::default();
             // Waiters wait as long as the writer may (the origin's hold plus margin).
             o.wait_timeout = Some(self.settings.upstream_timeout + Duration::from_secs(2));
@@ -355,6 +394,20 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
+    fn response_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        _ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        // A HEAD answered from an uncacheable GET: HTTP/2 would otherwise send its body.
+        if session.req_header().method == http::Method::HEAD {
+            *body = None;
+        }
+        Ok(None)
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let code = match e.esource() {
             ErrorSource::Downstream => 0, // the viewer is gone or misbehaved
@@ -380,10 +433,12 @@ impl ProxyHttp for EdgeProxy {
             let _ = h.insert_header("cache-control", "no-store");
             let _ = h.insert_header("access-control-allow-origin", "*");
             let _ = h.insert_header("content-length", body.len());
+            let head = session.req_header().method == http::Method::HEAD;
             if session
-                .write_response_header(Box::new(h), false)
+                .write_response_header(Box::new(h), head)
                 .await
                 .is_ok()
+                && !head
             {
                 let _ = session.write_response_body(Some(body), true).await;
             }
@@ -394,7 +449,14 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        // The viewer stopped reading (the edge writes nothing else with a timeout of its own).
+        if e.is_some_and(|e| e.etype() == &ErrorType::WriteTimedout) {
+            self.metrics
+                .edge_refused
+                .with_label_values(&["write_timeout"])
+                .inc();
+        }
         let status = session.response_written().map_or(0, |h| h.status.as_u16());
         self.metrics
             .http_responses

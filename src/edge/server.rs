@@ -7,6 +7,7 @@
 //! Idle kept-alive connections and slow readers are bounded by the keep-alive and write
 //! timeouts the proxy sets on each request.
 
+use crate::limits::{ConnLimiter, OnTrip};
 use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -23,25 +24,32 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
-use tracing::{debug, warn};
+use tracing::debug;
 
 /// Connection limits of a listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// TLS handshake and each request's headers.
+    /// TLS handshake, the HTTP/2 preface, and each HTTP/1 request's headers.
     pub header_timeout: Duration,
+    /// An HTTP/1 connection kept alive with no request under way.
+    pub idle_timeout: Duration,
+    /// A viewer that accepts no bytes for this long is dropped (every write: headers, bodies,
+    /// flushes; pingora times only body writes).
+    pub write_timeout: Duration,
 }
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves viewers on `listener` (TLS when `tls` is set) with `app` until shutdown.
 pub async fn serve<A>(
     listener: TcpListener,
     tls: Option<Arc<Acceptor>>,
     app: Arc<A>,
-    slots: Arc<Semaphore>,
+    slots: Arc<ConnLimiter>,
     limits: Limits,
-    on_refused: Arc<dyn Fn() + Send + Sync>,
+    on_refused: OnTrip,
     mut shutdown: Shutdown,
 ) where
     A: ServerApp + Send + Sync + 'static,
@@ -53,22 +61,25 @@ pub async fn serve<A>(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(error = %e, "viewer accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::limits::accept_backoff("playback", &e).await;
                     continue;
                 }
             },
             _ = shutdown.wait() => break,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            on_refused();
-            debug!(%peer, "viewer connection refused: connection limit reached");
-            continue; // dropping the socket closes it
+        let permit = match slots.try_admit(peer.ip()) {
+            Ok(p) => p,
+            Err(r) => {
+                on_refused(r.label());
+                debug!(%peer, reason = r.label(), "viewer connection refused");
+                continue; // dropping the socket closes it
+            }
         };
         let _ = sock.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();
         let stop = stop_rx.clone();
+        let on_trip = on_refused.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let l4: pingora::protocols::l4::stream::Stream = sock.into();
@@ -83,6 +94,7 @@ pub async fn serve<A>(
                             return;
                         }
                         Err(_) => {
+                            on_trip("header_timeout");
                             debug!(%peer, "viewer TLS handshake timed out");
                             return;
                         }
@@ -90,12 +102,10 @@ pub async fn serve<A>(
                 }
                 None => Box::new(l4),
             };
+            // HTTP/2 by ALPN: the guard bounds the wait for the preface, then steps aside (h2
+            // has its own framing, and pingora's h2_idle_timeout closes idle connections).
             let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
-            let mut next: Option<Stream> = Some(if h2 {
-                stream // HTTP/2 has its own framing and idle timeout (h2_idle_timeout)
-            } else {
-                Box::new(Guard::new(stream, limits))
-            });
+            let mut next: Option<Stream> = Some(Box::new(Guard::new(stream, limits, h2, on_trip)));
             // HTTP/1 keep-alive: Pingora hands the connection back after each request.
             while let Some(s) = next.take() {
                 next = app.process_new(s, &stop).await;
@@ -115,34 +125,64 @@ enum Phase {
     /// After the headers (the edge serves only bodiless GET and HEAD): no deadline here; the
     /// idle time between requests is Pingora's keep-alive timeout.
     Between,
-    /// HTTP/2 with prior knowledge: not tracked (h2 has its own framing).
+    /// HTTP/2 negotiated by ALPN, `got` bytes of the preface read: the deadline runs.
+    Preface { got: u8 },
+    /// HTTP/2 under way: not tracked (h2 has its own framing).
     H2,
 }
 
 /// Enforces the header deadline on an HTTP/1 connection by watching the bytes read, so a
 /// client that drips a request byte by byte is cut off however slowly it drips; coalesces
 /// writes between flushes.
-#[derive(Debug)]
 struct Guard {
     inner: Stream,
-    header_timeout: Duration,
+    limits: Limits,
     phase: Phase,
     deadline: Pin<Box<Sleep>>,
+    /// Bytes read ahead by `try_peek` (the h2c preface check), handed out first by reads.
+    peeked: Vec<u8>,
+    /// Writes are coalesced (HTTP/1 only: h2 frames its own writes).
+    coalesce: bool,
     /// Coalesced writes not yet sent, and how much of them is.
     wbuf: Vec<u8>,
     wpos: usize,
+    /// Counts the connections a deadline ends.
+    on_trip: OnTrip,
+    /// Armed while a write waits on the viewer.
+    write_stall: Option<Pin<Box<Sleep>>>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard").field("phase", &self.phase).finish()
+    }
 }
 
 impl Guard {
-    fn new(inner: Stream, limits: Limits) -> Self {
+    fn new(inner: Stream, limits: Limits, h2: bool, on_trip: OnTrip) -> Self {
         Guard {
+            on_trip,
+            write_stall: None,
             inner,
-            header_timeout: limits.header_timeout,
-            phase: Phase::Connected,
+            limits,
+            phase: if h2 {
+                Phase::Preface { got: 0 }
+            } else {
+                Phase::Connected
+            },
             deadline: Box::pin(tokio::time::sleep(limits.header_timeout)),
+            peeked: Vec::new(),
+            coalesce: !h2,
             wbuf: Vec::new(),
             wpos: 0,
         }
+    }
+
+    fn waiting_for_headers(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Connected | Phase::Headers { .. } | Phase::Preface { .. }
+        )
     }
 
     fn observe(&mut self, bytes: &[u8]) {
@@ -152,10 +192,12 @@ impl Guard {
         for &b in bytes {
             self.phase = match self.phase {
                 Phase::H2 => return,
+                Phase::Preface { got } if usize::from(got) + 1 >= H2_PREFACE.len() => Phase::H2,
+                Phase::Preface { got } => Phase::Preface { got: got + 1 },
                 // Stray line ends between requests are allowed and start nothing.
                 Phase::Between if b == b'\r' || b == b'\n' => Phase::Between,
                 Phase::Between => {
-                    let d = Instant::now() + self.header_timeout;
+                    let d = Instant::now() + self.limits.header_timeout;
                     self.deadline.as_mut().reset(d);
                     Phase::Headers { matched: 0 }
                 }
@@ -183,6 +225,13 @@ impl AsyncRead for Guard {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.peeked.is_empty() {
+            let n = buf.remaining().min(self.peeked.len());
+            let bytes: Vec<u8> = self.peeked.drain(..n).collect();
+            buf.put_slice(&bytes);
+            self.observe(&bytes);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -191,9 +240,8 @@ impl AsyncRead for Guard {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let waiting_for_headers =
-                    matches!(self.phase, Phase::Connected | Phase::Headers { .. });
-                if waiting_for_headers && self.deadline.as_mut().poll(cx).is_ready() {
+                if self.waiting_for_headers() && self.deadline.as_mut().poll(cx).is_ready() {
+                    (self.on_trip)("header_timeout");
                     return Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "request headers not received in time",
@@ -206,6 +254,22 @@ impl AsyncRead for Guard {
 }
 
 impl Guard {
+    /// A write that stays pending for the write timeout fails: the viewer stopped reading.
+    fn write_pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let t = self.limits.write_timeout;
+        let stall = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+        if stall.as_mut().poll(cx).is_ready() {
+            (self.on_trip)("write_timeout");
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "viewer stopped reading (write timeout)",
+            )));
+        }
+        Poll::Pending
+    }
+
     /// Writes out the coalesced bytes.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while self.wpos < self.wbuf.len() {
@@ -215,8 +279,9 @@ impl Guard {
                 }
                 Poll::Ready(Ok(n)) => n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => return self.write_pending(cx),
             };
+            self.write_stall = None;
             self.wpos += n;
         }
         self.wbuf.clear();
@@ -237,6 +302,15 @@ impl AsyncWrite for Guard {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let me = &mut *self;
+        if !me.coalesce {
+            return match Pin::new(&mut me.inner).poll_write(cx, buf) {
+                Poll::Pending => me.write_pending(cx),
+                other => {
+                    me.write_stall = None;
+                    other
+                }
+            };
+        }
         if me.wbuf.len() + buf.len() > WRITE_COALESCE {
             match me.poll_drain(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -244,7 +318,13 @@ impl AsyncWrite for Guard {
                 Poll::Pending => return Poll::Pending,
             }
             if buf.len() >= WRITE_COALESCE {
-                return Pin::new(&mut me.inner).poll_write(cx, buf);
+                return match Pin::new(&mut me.inner).poll_write(cx, buf) {
+                    Poll::Pending => me.write_pending(cx),
+                    other => {
+                        me.write_stall = None;
+                        other
+                    }
+                };
             }
         }
         me.wbuf.extend_from_slice(buf);
@@ -252,7 +332,10 @@ impl AsyncWrite for Guard {
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.poll_drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut self.inner).poll_flush(cx),
+            Poll::Ready(Ok(())) => match Pin::new(&mut self.inner).poll_flush(cx) {
+                Poll::Pending => self.write_pending(cx),
+                other => other,
+            },
             other => other,
         }
     }
@@ -307,9 +390,45 @@ impl GetSocketDigest for Guard {
     }
 }
 
+/// Pingora peeks for the h2c preface before each HTTP/1 request (kept-alive connections
+/// included). Its own peek waits for all 24 bytes with no deadline, so a silent or dripping
+/// client, or an idle kept-alive one, would hold its connection slot forever. This peek stops as
+/// soon as the bytes can no longer be the preface, and gives up at the header deadline (a new
+/// connection) or the keep-alive idle timeout (between requests).
 #[async_trait]
 impl Peek for Guard {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        self.inner.try_peek(buf).await
+        let (deadline, reason) = if self.phase == Phase::Between {
+            (Instant::now() + self.limits.idle_timeout, "idle_timeout")
+        } else {
+            (self.deadline.deadline(), "header_timeout")
+        };
+        let want = buf.len();
+        let fill = async {
+            let mut chunk = [0u8; 64];
+            while self.peeked.len() < want && H2_PREFACE.starts_with(&self.peeked) {
+                let room = (want - self.peeked.len()).min(chunk.len());
+                let n = tokio::io::AsyncReadExt::read(&mut self.inner, &mut chunk[..room]).await?;
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                }
+                self.peeked.extend_from_slice(&chunk[..n]);
+            }
+            Ok(())
+        };
+        match tokio::time::timeout_at(deadline, fill).await {
+            Ok(r) => r?,
+            Err(_) => {
+                (self.on_trip)(reason);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within the deadline",
+                ));
+            }
+        }
+        let n = want.min(self.peeked.len());
+        buf[..n].copy_from_slice(&self.peeked[..n]);
+        buf[n..].fill(0);
+        Ok(true)
     }
 }

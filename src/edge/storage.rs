@@ -134,6 +134,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MokaStorage {
+    /// Whether `key` has an object, finished or filling. For the cache lock's re-check: it
+    /// records no read, so it never runs moka's housekeeping inline.
+    pub fn has(&self, key: &CacheKey) -> bool {
+        let k = key_of(key);
+        lock(&self.filling).get(&k).is_some_and(|v| !v.is_empty()) || self.done.contains_key(&k)
+    }
+
     /// Storage holding at most about `max_bytes` of finished objects.
     pub fn new(max_bytes: u64) -> Self {
         MokaStorage {

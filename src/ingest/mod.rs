@@ -4,6 +4,7 @@
 //! (one connection's protocol state, wrapping rml_rtmp) and `auth` are pure or nearly so;
 //! `server` is the thin socket layer that drives them and hands frames to the relay.
 
+pub mod amf0;
 pub mod auth;
 pub mod chunk;
 pub mod flv;

@@ -9,6 +9,7 @@ use super::auth::{AuthError, Authenticator};
 use super::chunk::ChunkLimits;
 use super::session::{IngestSession, SessionError, SessionEvent};
 use crate::config::RtmpConfig;
+use crate::limits::{ConnLimiter, Deadlines};
 use crate::media::TrackKind;
 use crate::relay::publication::{Publication, Publications};
 use crate::shutdown::Shutdown;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tracing::{info, warn, Instrument};
 
 /// Shared by every ingest connection of an edge.
@@ -32,8 +33,8 @@ pub struct IngestContext {
     pub pubs: Arc<Publications>,
     /// Metrics.
     pub metrics: EdgeMetrics,
-    /// Connection cap shared by RTMP and RTMPS.
-    pub conn_limit: Arc<Semaphore>,
+    /// Connection caps (total and per source) shared by RTMP and RTMPS.
+    pub conn_limit: Arc<ConnLimiter>,
 }
 
 impl IngestContext {
@@ -44,7 +45,7 @@ impl IngestContext {
         pubs: Arc<Publications>,
         metrics: EdgeMetrics,
     ) -> Arc<Self> {
-        let conn_limit = Arc::new(Semaphore::new(cfg.max_connections));
+        let conn_limit = ConnLimiter::new(cfg.max_connections, cfg.max_connections_per_ip);
         Arc::new(IngestContext {
             cfg,
             auth,
@@ -74,6 +75,8 @@ enum End {
     Handshake(String),
     #[error("handshake not completed within {0} ms")]
     HandshakeTimeout(u64),
+    #[error("not publishing with a valid key within {0} ms of connecting; closing")]
+    PublishTimeout(u64),
     #[error("protocol error: {0}")]
     Session(#[from] SessionError),
     #[error("socket error: {0}")]
@@ -89,12 +92,15 @@ enum End {
 impl End {
     fn reason(&self) -> Option<&'static str> {
         match self {
-            End::Eof | End::Replaced | End::Shutdown | End::Refused => None,
+            End::Eof | End::Replaced | End::Shutdown | End::Refused | End::PublishTimeout(_) => {
+                None
+            }
             End::Stalled(_) => Some("stall"),
             End::Handshake(_) | End::HandshakeTimeout(_) => Some("handshake"),
             End::Session(SessionError::Chunk(_)) => Some("chunk"),
             End::Session(SessionError::Rtmp(_)) => Some("rtmp"),
             End::Session(SessionError::Flv(_)) => Some("media"),
+            End::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => Some("write_timeout"),
             End::Io(_) => Some("io"),
         }
     }
@@ -113,23 +119,32 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::limits::accept_backoff(scheme, &e).await;
                     continue;
                 }
             },
             _ = shutdown.wait() => return,
         };
-        let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
-            ctx.metrics
-                .ingest_rejected
-                .with_label_values(&["connection_limit"])
-                .inc();
-            warn!(%peer, limit = ctx.cfg.max_connections, "connection refused: connection limit reached");
-            continue;
+        let accepted = Instant::now();
+        let permit = match ctx.conn_limit.try_admit(peer.ip()) {
+            Ok(p) => p,
+            Err(r) => {
+                ctx.metrics
+                    .ingest_rejected
+                    .with_label_values(&[r.label()])
+                    .inc();
+                let what = match r {
+                    crate::limits::Refusal::ConnectionLimit => "connection limit reached",
+                    crate::limits::Refusal::PerIpLimit => "per-address connection limit reached",
+                };
+                warn!(%peer, "connection refused: {what}");
+                continue;
+            }
         };
         let _ = sock.set_nodelay(true);
+        // Every write to the publisher (handshake, TLS, acknowledgements) is bounded: a peer
+        // that stops reading cannot park this task.
+        let sock = Deadlines::new(sock, Duration::from_millis(ctx.cfg.write_timeout_ms));
         let ctx = ctx.clone();
         let tls = tls.clone();
         let sd = shutdown.clone();
@@ -139,11 +154,11 @@ pub async fn serve(
                 let _permit = permit;
                 ctx.metrics.ingest_connections.inc();
                 let result = match tls {
-                    None => handle(sock, &ctx, sd).await,
+                    None => handle(sock, &ctx, accepted, sd).await,
                     Some(acceptor) => {
                         let limit = Duration::from_millis(ctx.cfg.handshake_timeout_ms);
                         match tokio::time::timeout(limit, acceptor.accept(sock)).await {
-                            Ok(Ok(s)) => handle(s, &ctx, sd).await,
+                            Ok(Ok(s)) => handle(s, &ctx, accepted, sd).await,
                             Ok(Err(e)) => Err(End::Handshake(format!("TLS: {e}"))),
                             Err(_) => Err(End::HandshakeTimeout(ctx.cfg.handshake_timeout_ms)),
                         }
@@ -152,6 +167,13 @@ pub async fn serve(
                 ctx.metrics.ingest_connections.dec();
                 match result {
                     Ok(()) => info!("connection closed"),
+                    Err(e @ End::PublishTimeout(_)) => {
+                        ctx.metrics
+                            .ingest_rejected
+                            .with_label_values(&["publish_timeout"])
+                            .inc();
+                        warn!("{e}");
+                    }
                     Err(e) => {
                         if let Some(r) = e.reason() {
                             ctx.metrics.ingest_errors.with_label_values(&[r]).inc();
@@ -220,8 +242,14 @@ impl Drop for Publishing {
 async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     mut s: S,
     ctx: &IngestContext,
+    accepted: Instant,
     mut shutdown: Shutdown,
 ) -> Result<(), End> {
+    // Connect and publish with a valid key are due within publish_timeout of connecting (again
+    // after an unpublish): a connection that keeps itself busy without publishing cannot hold
+    // a slot, however little it sends.
+    let publish_timeout = Duration::from_millis(ctx.cfg.publish_timeout_ms);
+    let mut publish_by = Some(accepted + publish_timeout);
     let leftover = handshake(&mut s, ctx.cfg.handshake_timeout_ms).await?;
     let (mut session, initial) = IngestSession::new(&ctx.cfg.app, ctx.limits())?;
     for b in initial {
@@ -246,7 +274,18 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 &mut kicked,
             )
             .await?;
+            publish_by = match (&publishing, publish_by) {
+                (Some(_), _) => None,
+                (None, None) => Some(Instant::now() + publish_timeout),
+                (None, due) => due,
+            };
         }
+        let publish_due = async {
+            match publish_by {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let kick = async {
             match kicked.as_mut() {
                 Some(k) => {
@@ -263,6 +302,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(Err(e)) => return Err(End::Io(e)),
             },
             _ = kick => return Err(End::Replaced),
+            _ = publish_due => return Err(End::PublishTimeout(ctx.cfg.publish_timeout_ms)),
             _ = shutdown.wait() => return Err(End::Shutdown),
         }
     }

@@ -72,22 +72,27 @@ pub struct IngestSession {
     mp3_config_sent: bool,
 }
 
-/// rml_rtmp 0.8 panics on an AMF0 command with fewer than three values (found by the
-/// `rtmp_session` fuzz target): refuse such messages before they reach it.
-fn check_command(type_id: u8, payload: &[u8]) -> Result<(), SessionError> {
-    if type_id != 20 && type_id != 17 {
-        return Ok(());
-    }
+/// Checks an AMF0-bearing message before rml_rtmp parses it. rml_amf0 recurses once per
+/// nesting level with no bound (a deep body overflows the worker's stack and aborts the
+/// process), so every command and data message (types 15, 17, 18, 20, which rml_rtmp all reads
+/// as AMF0) is first walked by our bounded, non-recursive `amf0::check`. rml_rtmp 0.8 also
+/// panics on a command with fewer than three values (found by the `rtmp_session` fuzz target).
+fn check_amf0(type_id: u8, payload: &[u8]) -> Result<(), SessionError> {
+    let command = match type_id {
+        17 | 20 => true,
+        15 | 18 => false,
+        _ => return Ok(()),
+    };
+    // rml_rtmp skips the leading zero of an AMF3-flagged command.
     let data = match payload.first() {
         Some(0) if type_id == 17 => &payload[1..],
         _ => payload,
     };
-    let values = rml_amf0::deserialize(&mut std::io::Cursor::new(data))
-        .map_err(|e| SessionError::Rtmp(format!("malformed AMF0 command: {e}")))?;
-    if values.len() < 3 {
+    let values = super::amf0::check(data, super::amf0::MAX_DEPTH)
+        .map_err(|e| SessionError::Rtmp(format!("malformed AMF0 message (type {type_id}): {e}")))?;
+    if command && values < 3 {
         return Err(SessionError::Rtmp(format!(
-            "AMF0 command with {} values, at least 3 required",
-            values.len()
+            "AMF0 command with {values} values, at least 3 required"
         )));
     }
     Ok(())
@@ -142,7 +147,7 @@ impl IngestSession {
         self.reader.push(bytes)?;
         let mut events = vec![];
         while let Some(msg) = self.reader.next_message()? {
-            check_command(msg.type_id, &msg.payload)?;
+            check_amf0(msg.type_id, &msg.payload)?;
             let payload = MessagePayload {
                 timestamp: RtmpTimestamp::new(msg.timestamp),
                 type_id: msg.type_id,

@@ -474,11 +474,15 @@ pub fn ffmpeg_publish(url: &str, secs: u32, size: &str, copy: Option<&Path>) -> 
         ])
         .args(["-c:a", "aac", "-b:a", "96k", "-map", "0:v", "-map", "1:a"]);
     match copy {
-        Some(p) => cmd.args([
-            "-f",
-            "tee",
-            &format!("[f=flv:onfail=ignore]{url}|[f=flv]{}", p.display()),
-        ]),
+        // The tee muxer does not ask encoders for global headers (the flv muxer alone does):
+        // without them the FLV carries no AVC sequence header and nothing can be packaged.
+        Some(p) => cmd
+            .args(["-flags:v", "+global_header", "-flags:a", "+global_header"])
+            .args([
+                "-f",
+                "tee",
+                &format!("[f=flv:onfail=ignore]{url}|[f=flv]{}", p.display()),
+            ]),
         None => cmd.args(["-f", "flv", url]),
     };
     cmd.stdout(Stdio::null())

@@ -1,0 +1,690 @@
+//! Attacks on an internet-facing edge and its core (issue 12). Each test runs against real
+//! `livepop core` and `livepop edge` processes while ffmpeg publishes an honest stream, which
+//! must reach the core frame for frame, and an honest viewer (livepop-loadtest) plays it through
+//! the edge without a single error. The attacked connection must be refused or closed within
+//! its configured deadline, and the processes must survive.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Deadlines the rig configures (short, so the tests are quick).
+const HEADER_MS: u64 = 1000;
+const IDLE_MS: u64 = 3000;
+const WRITE_MS: u64 = 1500;
+const PUBLISH_MS: u64 = 2500;
+/// Slack for a deadline to be noticed on a busy 2-core machine.
+const SLACK: Duration = Duration::from_millis(2500);
+
+struct Rig {
+    env: Env,
+    core: Proc,
+    edge: Proc,
+    ff: Child,
+    sent: PathBuf,
+    viewer: Option<Child>,
+    viewer_json: PathBuf,
+}
+
+fn limits_block(header: u64, idle: u64, write: u64) -> String {
+    format!("header_timeout_ms = {header}\nidle_timeout_ms = {idle}\nwrite_timeout_ms = {write}\n")
+}
+
+/// Core (origin, recording) and edge (ingest, playback) with short deadlines; the honest
+/// publisher runs for `secs`, and the honest viewer plays from the first part until shortly
+/// before the publisher stops.
+fn rig(secs: u32, extra_rtmp: &str) -> Rig {
+    let env = Env::new();
+    let admin_limits = format!("[admin]\n{}", limits_block(HEADER_MS, IDLE_MS, WRITE_MS));
+    let core_cfg = core_config(&env, "core-1", "127.0.0.1:0", true);
+    let text = std::fs::read_to_string(&core_cfg)
+        .unwrap()
+        .replacen("[admin]\n", &admin_limits, 1);
+    let core_cfg = env.write(
+        "core-attack.toml",
+        &format!(
+            "{text}[origin]\nlisten = \"127.0.0.1:0\"\naccess_log = true\npart_target_ms = 300\n{}",
+            limits_block(HEADER_MS, IDLE_MS, WRITE_MS)
+        ),
+    );
+    let core = Proc::start("core", &["core", "--config", core_cfg.to_str().unwrap()]);
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.origins = vec![core.addr("origin")];
+    opts.extra_playback = limits_block(HEADER_MS, IDLE_MS, WRITE_MS);
+    opts.extra_rtmp =
+        format!("publish_timeout_ms = {PUBLISH_MS}\nwrite_timeout_ms = {WRITE_MS}\n{extra_rtmp}");
+    let cfg = edge_config(&env, &opts);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replacen("[admin]\n", &admin_limits, 1);
+    std::fs::write(&cfg, text).unwrap();
+    let edge = Proc::start("edge", &["edge", "--config", cfg.to_str().unwrap()]);
+    let admin = edge.addr("admin");
+    wait_for("edge /readyz", Duration::from_secs(10), || {
+        (http_get(admin, "/readyz")?.0 == 200).then_some(())
+    });
+    let sent = env.path().join("sent.flv");
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let ff = ffmpeg_publish(&url, secs, "640x360", Some(&sent));
+    let http = edge.addr("http");
+    wait_for(
+        "the honest stream playable",
+        Duration::from_secs(20),
+        || {
+            (http_get(http, "/live/demo/src/index.m3u8")?
+                .1
+                .contains("#EXT-X-PART:"))
+            .then_some(())
+        },
+    );
+    let viewer_json = env.path().join("viewer.json");
+    let viewer = Command::new(loadtest_bin())
+        .args(["viewers", "--url"])
+        .arg(format!("http://{http}/live/demo/master.m3u8"))
+        .args(["--count", "1", "--duration"])
+        .arg(secs.saturating_sub(6).max(3).to_string())
+        .arg("--json")
+        .arg(&viewer_json)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Rig {
+        env,
+        core,
+        edge,
+        ff,
+        sent,
+        viewer: Some(viewer),
+        viewer_json,
+    }
+}
+
+impl Rig {
+    /// The honest viewer saw no error, the honest stream arrived intact, nobody crashed.
+    fn check_honest(mut self) {
+        let mut v = self.viewer.take().unwrap();
+        assert!(wait_child(&mut v, Duration::from_secs(60)), "viewer failed");
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&self.viewer_json).unwrap()).unwrap();
+        assert_eq!(
+            report["errors"], 0,
+            "the honest viewer saw errors: {report}"
+        );
+        assert!(
+            report["kinds"]["part"]["requests"].as_u64().unwrap_or(0) > 5,
+            "the honest viewer played nothing: {report}"
+        );
+        assert!(
+            wait_child(&mut self.ff, Duration::from_secs(60)),
+            "honest publisher failed"
+        );
+        let rec = wait_for(
+            "recording of the honest stream",
+            Duration::from_secs(20),
+            || {
+                recordings(&self.env, "core-1").into_iter().find(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .starts_with("demo-")
+                })
+            },
+        );
+        assert_same_frames(&self.sent, &rec);
+        for p in [&mut self.edge, &mut self.core] {
+            assert!(p.is_running(), "{} died", p.name);
+            assert!(!p.log_text().contains("panicked"), "{} panicked", p.name);
+        }
+    }
+
+    fn warned(&self, text: &str) {
+        self.edge.wait_log(Duration::from_secs(10), |v| {
+            v["level"] == "WARN" && v.to_string().contains(text)
+        });
+    }
+
+    /// Requests the core's origin received for `uri` (its access log).
+    fn core_requests(&self, uri: &str) -> usize {
+        self.core
+            .logs()
+            .iter()
+            .filter(|v| message_is(v, "origin request") && v["fields"]["uri"] == uri)
+            .count()
+    }
+}
+
+/// A connection closed by the server within `within` of `since`.
+fn closed_within(s: &mut TcpStream, since: Instant, within: Duration) -> bool {
+    let left = (since + within).saturating_duration_since(Instant::now());
+    closed_by_peer(s, left)
+}
+
+// ---- 1. AMF0 nesting ----------------------------------------------------------------------
+
+/// One deeply nested AMF0 message of `type_id` right after the handshake (no connect, no key),
+/// with the chunk size raised so it arrives as one chunk: ends that connection only.
+fn send_deep_amf0(addr: SocketAddr, type_id: u8, body: &[u8]) {
+    use livepop::ingest::chunk::write;
+    let (mut s, _) = rtmp_handshake(addr);
+    let chunk = 1u32 << 20;
+    let mut wire = write::message(2, 0, 1, 0, &chunk.to_be_bytes(), 128);
+    let mut payload = if type_id == 17 { vec![0u8] } else { vec![] };
+    payload.extend_from_slice(body);
+    wire.extend(write::message(3, 0, type_id, 0, &payload, chunk as usize));
+    let since = Instant::now();
+    let _ = s.write_all(&wire);
+    assert!(
+        closed_within(&mut s, since, Duration::from_secs(5)),
+        "type {type_id}: connection not closed"
+    );
+}
+
+#[test]
+fn deeply_nested_amf0_ends_only_that_connection() {
+    use livepop::ingest::amf0::nest;
+    let r = rig(14, "");
+    let addr = r.edge.addr("rtmp");
+    // 200,000 levels of each container kind, in command and data messages of every AMF0 type.
+    type Make = fn(usize) -> Vec<u8>;
+    let kinds: [Make; 4] = [
+        nest::strict_arrays,
+        nest::objects,
+        nest::ecma_arrays,
+        nest::mixed,
+    ];
+    for type_id in [20u8, 18, 17, 15] {
+        for make in kinds {
+            let body = if matches!(type_id, 17 | 20) {
+                nest::command("connect", &make(200_000))
+            } else {
+                nest::command("@setDataFrame", &make(200_000))
+            };
+            send_deep_amf0(addr, type_id, &body);
+        }
+    }
+    r.warned("nested deeper than 32 levels");
+    // After a valid publish too: onMetaData (type 18) nested deep.
+    let mut p = RawPublisher::publish(addr, "other-key");
+    let deep = nest::command("@setDataFrame", &nest::ecma_arrays(100_000));
+    let wire = livepop::ingest::chunk::write::message(4, 0, 18, 1, &deep, RAW_CHUNK);
+    let since = Instant::now();
+    p.send(&wire);
+    assert!(closed_within(&mut p.s, since, Duration::from_secs(5)));
+    r.check_honest();
+}
+
+// ---- 2 and 3. Silent, dripping and non-reading clients on every listener ------------------
+
+/// A TLS client (the rig's CA) with `alpn`; returns the stream after the handshake.
+fn tls_connect(
+    env: &Env,
+    addr: SocketAddr,
+    alpn: &[u8],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(env.certs().join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    assert_eq!(s.conn.alpn_protocol(), Some(alpn));
+    s
+}
+
+/// True once the TLS peer closed (EOF, close_notify or reset) within `within` of `since`.
+fn tls_closed_within(
+    s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    since: Instant,
+    within: Duration,
+) -> bool {
+    s.sock
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < since + within {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Sends `bytes` one at a time every 150 ms until the server closes or `within` passes; true
+/// if it closed in time.
+fn drip(s: &mut impl Write, bytes: &[u8], since: Instant, within: Duration) -> bool {
+    for b in bytes.iter().cycle() {
+        if Instant::now() > since + within {
+            return false;
+        }
+        if s.write_all(&[*b]).and_then(|_| s.flush()).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(150)); // shapes the drip; synchronizes nothing
+    }
+    unreachable!()
+}
+
+#[test]
+fn silent_and_dripping_clients_are_cut_off_on_every_listener() {
+    let r = rig(16, "");
+    let header = Duration::from_millis(HEADER_MS);
+    let plain: Vec<(&str, SocketAddr, Duration)> = vec![
+        // RTMP: the handshake deadline (2000 ms in the rig).
+        ("rtmp", r.edge.addr("rtmp"), Duration::from_millis(2000)),
+        // RTMPS: the TLS handshake deadline.
+        ("rtmps", r.edge.addr("rtmps"), Duration::from_millis(2000)),
+        ("http", r.edge.addr("http"), header),
+        ("https", r.edge.addr("https"), header),
+        ("origin", r.core.addr("origin"), header),
+        ("edge admin", r.edge.addr("admin"), header),
+        ("core admin", r.core.addr("admin"), header),
+    ];
+    let request = b"GET /live/demo/master.m3u8 HTTP/1.1\r\nHost: x\r\n";
+    for (name, addr, deadline) in &plain {
+        // Silent: connects and sends nothing.
+        let mut s = TcpStream::connect(addr).unwrap();
+        let since = Instant::now();
+        assert!(
+            closed_within(&mut s, since, *deadline + SLACK),
+            "{name}: silent client still connected"
+        );
+        // Dripping: a byte every 150 ms never extends the deadline.
+        let mut s = TcpStream::connect(addr).unwrap();
+        let since = Instant::now();
+        assert!(
+            drip(&mut s, request, since, *deadline + SLACK),
+            "{name}: dripping client still connected"
+        );
+        // A partial request line (h2c preface prefix included), then silence.
+        for partial in [&b"GET /live/de"[..], b"PRI * HTTP/2.0\r\n"] {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let since = Instant::now();
+            s.write_all(partial).unwrap();
+            assert!(
+                closed_within(&mut s, since, *deadline + SLACK),
+                "{name}: partial request {partial:?} still connected"
+            );
+        }
+    }
+    // HTTPS after the TLS handshake: HTTP/1.1 and HTTP/2 by ALPN, silent and dripping.
+    let https = r.edge.addr("https");
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let mut s = tls_connect(&r.env, https, alpn);
+        let since = Instant::now();
+        assert!(
+            tls_closed_within(&mut s, since, header + SLACK),
+            "https {alpn:?}: silent client still connected"
+        );
+        let mut s = tls_connect(&r.env, https, alpn);
+        let since = Instant::now();
+        let bytes: &[u8] = if alpn == b"h2" {
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        } else {
+            request
+        };
+        assert!(
+            drip(&mut s, bytes, since, header + SLACK) || tls_closed_within(&mut s, since, SLACK),
+            "https {alpn:?}: dripping client still connected"
+        );
+    }
+    // A kept-alive connection that goes quiet after a request is closed after the idle time.
+    for (name, addr) in [
+        ("http", r.edge.addr("http")),
+        ("origin", r.core.addr("origin")),
+        ("edge admin", r.edge.addr("admin")),
+    ] {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let since = Instant::now();
+        assert!(
+            closed_within(&mut s, since, Duration::from_millis(IDLE_MS) + SLACK),
+            "{name}: idle kept-alive connection still open"
+        );
+    }
+    let edge_admin = r.edge.addr("admin");
+    assert!(
+        metric(
+            edge_admin,
+            "livepop_edge_refused_total{reason=\"header_timeout\"}"
+        ) >= 6.0
+    );
+    assert!(
+        metric(
+            edge_admin,
+            "livepop_admin_refused_total{reason=\"header_timeout\"}"
+        ) >= 3.0
+    );
+    let core_admin = r.core.addr("admin");
+    assert!(
+        metric(
+            core_admin,
+            "livepop_origin_refused_total{reason=\"header_timeout\"}"
+        ) >= 3.0
+    );
+    r.check_honest();
+}
+
+/// Pipelines `n` requests for `path` and never reads: the server must drop the connection
+/// after its write timeout, counted under `sample`.
+fn non_reader(addr: SocketAddr, path: &str, n: usize, counted: Option<(SocketAddr, &str)>) {
+    let before = counted.map(|(admin, sample)| metric(admin, sample));
+    // A tiny receive window, so that the server's writes block instead of filling the kernel's
+    // buffers (pingora does not pipeline: one request must be enough at the edge).
+    let mut s = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.set_recv_buffer_size(4096).unwrap();
+            sock.connect(addr).await.unwrap().into_std().unwrap()
+        });
+    s.set_nonblocking(false).unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let all: Vec<u8> = req.as_bytes().repeat(n);
+    let since = Instant::now();
+    // The server may stop reading too once its own buffers are full; that is fine.
+    s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = s.write_all(&all);
+    let deadline = Duration::from_millis(WRITE_MS + IDLE_MS) + SLACK;
+    if let (Some((admin, sample)), Some(before)) = (counted, before) {
+        wait_for(sample, deadline, || {
+            (metric(admin, sample) > before).then_some(())
+        });
+        assert!(since.elapsed() >= Duration::from_millis(WRITE_MS));
+    } else {
+        // Not read from until the deadline has passed.
+        std::thread::sleep(deadline.saturating_sub(since.elapsed())); // waits out the deadline itself
+    }
+    // Closed: draining what the kernel still holds ends in EOF or a reset, at once.
+    assert!(
+        closed_by_peer(&mut s, Duration::from_secs(3)),
+        "{addr}{path}: a client that does not read is still connected"
+    );
+}
+
+#[test]
+fn clients_that_stop_reading_are_dropped() {
+    let r = rig(16, "");
+    let http = r.edge.addr("http");
+    let pl = http_get(http, "/live/demo/src/index.m3u8").unwrap().1;
+    let seg = wait_for("a complete segment", Duration::from_secs(15), || {
+        let pl = http_get(http, "/live/demo/src/index.m3u8")?.1;
+        complete_segments(&pl).first().map(|s| s.1.clone())
+    });
+    drop(pl);
+    let path = format!("/live/demo/src/{seg}");
+    // The edge does not pipeline, and one segment fits in the kernel's socket buffers (which
+    // bound what a non-reader pins): the edge finishes writing, then closes the connection
+    // at the idle deadline. (Responses that block are cut by the write timeout, which the
+    // origin and admin cases below exercise.)
+    non_reader(http, &path, 1, None);
+    non_reader(
+        r.core.addr("origin"),
+        &path,
+        400,
+        Some((
+            r.core.addr("admin"),
+            "livepop_origin_refused_total{reason=\"write_timeout\"}",
+        )),
+    );
+    non_reader(
+        r.core.addr("admin"),
+        "/metrics",
+        3000,
+        Some((
+            r.core.addr("admin"),
+            "livepop_admin_refused_total{reason=\"write_timeout\"}",
+        )),
+    );
+    r.check_honest();
+}
+
+// ---- 4. RTMP slots held without publishing ------------------------------------------------
+
+#[test]
+fn rtmp_connections_must_publish_in_time_and_share_slots_fairly() {
+    let r = rig(14, "max_connections_per_ip = 3");
+    let addr = r.edge.addr("rtmp");
+    // Keeps itself busy (a tiny message every 500 ms, well inside the stall timer) but never
+    // publishes: closed at the publish deadline.
+    let (mut s, _) = rtmp_handshake(addr);
+    let since = Instant::now();
+    let ack = livepop::ingest::chunk::write::message(2, 0, 5, 0, &2_500_000u32.to_be_bytes(), 128);
+    let mut closed = false;
+    while since.elapsed() < Duration::from_millis(PUBLISH_MS) + SLACK {
+        if s.write_all(&ack).is_err() || closed_by_peer(&mut s, Duration::from_millis(500)) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a connection that never publishes kept its slot");
+    assert!(since.elapsed() >= Duration::from_millis(PUBLISH_MS) - Duration::from_millis(300));
+    r.warned("not publishing with a valid key within 2500 ms");
+    let admin = r.edge.addr("admin");
+    assert!(
+        metric(
+            admin,
+            "livepop_ingest_rejected_total{reason=\"publish_timeout\"}"
+        ) >= 1.0
+    );
+    // One source holds at most 3 connections; another source still gets in.
+    let from = |ip: &str| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            sock.connect(addr).await.unwrap().into_std().unwrap()
+        })
+    };
+    let held: Vec<TcpStream> = (0..3).map(|_| from("127.0.0.9")).collect();
+    for s in &held {
+        s.set_nonblocking(false).unwrap();
+    }
+    let mut fourth = from("127.0.0.9");
+    fourth.set_nonblocking(false).unwrap();
+    // Refused at once (the others are still inside their 2 s handshake deadline).
+    assert!(closed_by_peer(&mut fourth, Duration::from_secs(1)));
+    assert!(
+        metric(
+            admin,
+            "livepop_ingest_rejected_total{reason=\"per_ip_limit\"}"
+        ) >= 1.0
+    );
+    let mut other = from("127.0.0.10");
+    other.set_nonblocking(false).unwrap();
+    assert!(!closed_by_peer(&mut other, Duration::from_millis(300)));
+    drop(held);
+    r.check_honest();
+}
+
+// ---- 5. Asking ahead must not spoil the cache ---------------------------------------------
+
+#[test]
+fn asking_ahead_never_makes_media_unavailable() {
+    let r = rig(16, "");
+    let http = r.edge.addr("http");
+    let origin = r.core.addr("origin");
+    let pl_path = "/live/demo/src/index.m3u8";
+    let mut rounds = 0;
+    while rounds < 6 {
+        // Two parts past the hinted one, and the segment after the open one: not there yet.
+        let (m, p) = hint(&http_get(origin, pl_path).unwrap().1);
+        if p > 2 {
+            // Too near the segment's end for part p+2 to be sure to exist: next segment.
+            wait_for("the next segment", Duration::from_secs(5), || {
+                (hint(&http_get(origin, pl_path)?.1).0 > m).then_some(())
+            });
+            continue;
+        }
+        let name = format!("s{m}.{}.m4s", p + 2);
+        let ahead_part = format!("/live/demo/src/{name}");
+        let ahead_seg = format!("/live/demo/src/s{}.m4s", m + 1);
+        for path in [&ahead_part, &ahead_seg] {
+            let (st, head, _) = http_get_full(http, path).unwrap();
+            assert_eq!(st, 404, "{path}: {head}");
+        }
+        // Once the part is hinted (or done), through the edge it is served, not a cached 404.
+        let pl = wait_for("the hint to move on", Duration::from_secs(5), || {
+            let pl = http_get(origin, pl_path)?.1;
+            (hint(&pl) >= (m, p + 2)).then_some(pl)
+        });
+        if !pl.contains(&format!("\"{name}\"")) {
+            continue; // the segment ended before that part: nothing to check this round
+        }
+        let (st, head, body) = http_get_full(http, &ahead_part).unwrap();
+        assert_eq!(
+            st, 200,
+            "round {rounds}: {ahead_part} once it existed: {head}"
+        );
+        assert!(!body.is_empty());
+        rounds += 1;
+    }
+    // And the segment asked for early is served once complete.
+    let m = hint(&http_get(origin, pl_path).unwrap().1).0;
+    let seg = format!("/live/demo/src/s{}.m4s", m + 1);
+    assert_eq!(http_get_full(http, &seg).unwrap().0, 404);
+    wait_for("that segment complete", Duration::from_secs(10), || {
+        let pl = http_get(origin, pl_path)?.1;
+        complete_segments(&pl)
+            .iter()
+            .any(|s| s.1 == format!("s{}.m4s", m + 1))
+            .then_some(())
+    });
+    assert_eq!(http_get_full(http, &seg).unwrap().0, 200);
+    r.check_honest();
+}
+
+// ---- 6. One object, one key, one core request -------------------------------------------
+
+/// `n` concurrent requests with `method` for `path` through the edge; returns their
+/// (status, head, body).
+fn burst(addr: SocketAddr, method: &str, path: &str, n: usize) -> Vec<(u16, String, Vec<u8>)> {
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let req = format!(
+                "{method} {path}{sep}viewer={i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            );
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                barrier.wait();
+                s.write_all(req.as_bytes()).unwrap();
+                let mut resp = vec![];
+                s.read_to_end(&mut resp).unwrap();
+                let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                let head = String::from_utf8_lossy(&resp[..split]).to_string();
+                let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+                (status, head, resp[split + 4..].to_vec())
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn head_requests_and_odd_names_cost_one_core_request() {
+    let r = rig(16, "");
+    let http = r.edge.addr("http");
+    let origin = r.core.addr("origin");
+    let pl_path = "/live/demo/src/index.m3u8";
+    // 100 HEADs and one GET for the hinted part: held together, one core request.
+    let (m, p) = hint(&http_get(origin, pl_path).unwrap().1);
+    let part = format!("/live/demo/src/s{m}.{p}.m4s");
+    let heads = std::thread::spawn({
+        let part = part.clone();
+        move || burst(http, "HEAD", &part, 100)
+    });
+    let (st, _, body) = http_get_full(http, &part).unwrap();
+    assert_eq!(st, 200);
+    for (st, head, b) in heads.join().unwrap() {
+        assert_eq!(st, 200, "{head}");
+        assert!(b.is_empty(), "HEAD answered with a body");
+        assert_eq!(header_num(&head, "content-length"), Some(body.len() as u64));
+    }
+    assert_eq!(r.core_requests(&part), 1, "core requests for {part}");
+    // Non-canonical names of every object kind: refused at the edge, never sent to the core.
+    let init = http_get(origin, pl_path)
+        .unwrap()
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("#EXT-X-MAP:URI=\""))
+        .unwrap()
+        .trim_end_matches('"')
+        .to_string();
+    let seg = wait_for("a complete segment", Duration::from_secs(10), || {
+        complete_segments(&http_get(origin, pl_path)?.1)
+            .first()
+            .map(|s| s.1.clone())
+    });
+    let odd = [
+        format!("/live/demo/src/s0{m}.{p}.m4s"),
+        format!("/live/demo/src/s{m}.0{p}.m4s"),
+        format!("/live/demo/src/{}", seg.replacen('s', "s00", 1)),
+        format!("/live/demo/src/{}", init.replacen("init-", "init-0", 1)),
+        "/live/demo/src/s+1.m4s".to_string(),
+    ];
+    for path in &odd {
+        let (st, head, _) = http_get_full(http, path).unwrap();
+        assert_eq!(st, 404, "{path}: {head}");
+        assert_eq!(r.core_requests(path), 0, "{path} reached the core");
+    }
+    // Zero-padded directives are the canonical key: one core request.
+    let m = hint(&http_get(origin, pl_path).unwrap().1).0;
+    let padded = format!("{pl_path}?_HLS_msn=00{m}");
+    let canonical = format!("{pl_path}?_HLS_msn={m}");
+    let padded_answers = std::thread::spawn(move || burst(http, "GET", &padded, 20));
+    let (st, _, _) = http_get_full(http, &canonical).unwrap();
+    assert_eq!(st, 200);
+    assert!(padded_answers.join().unwrap().iter().all(|x| x.0 == 200));
+    assert_eq!(r.core_requests(&canonical), 1);
+    // A part that just completed, fetched by 200 viewers at once: one core request, five
+    // times over (the race between a late lookup and a finished fill).
+    for _ in 0..5 {
+        let (m, p) = hint(&http_get(origin, pl_path).unwrap().1);
+        wait_for(
+            "the hinted part to complete",
+            Duration::from_secs(5),
+            || (hint(&http_get(origin, pl_path)?.1) > (m, p)).then_some(()),
+        );
+        let part = format!("/live/demo/src/s{m}.{p}.m4s");
+        let answers = burst(http, "GET", &part, 200);
+        assert!(answers.iter().all(|a| a.0 == 200));
+        assert!(answers.windows(2).all(|w| w[0].2 == w[1].2));
+        assert_eq!(r.core_requests(&part), 1, "core requests for {part}");
+    }
+    r.check_honest();
+}
