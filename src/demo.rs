@@ -108,6 +108,9 @@ fn configs(o: &DemoOptions) -> Result<(CoreConfig, EdgeConfig)> {
     p.listen = o.http.clone();
     p.tls_listen = Some(o.https.clone());
     p.player = true;
+    // The demo runs on loopback, where the load generator's crowds come from one address.
+    p.max_connections_per_ip = 0;
+    edge.rtmp.max_connections_per_ip = 0;
     for k in &o.keys {
         let (name, key) = k
             .split_once('=')

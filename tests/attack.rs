@@ -70,7 +70,8 @@ fn rig(secs: u32, extra_rtmp: &str) -> Rig {
     });
     let sent = env.path().join("sent.flv");
     let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
-    let ff = ffmpeg_publish(&url, secs, "640x360", Some(&sent));
+    encode_flv_sized(&sent, "640x360", secs);
+    let ff = ffmpeg_publish_file(&url, &sent);
     let http = edge.addr("http");
     wait_for(
         "the honest stream playable",

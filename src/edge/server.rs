@@ -2,10 +2,11 @@
 //! live in the process's tokio runtime (port 0 works, addresses are logged like every other
 //! listener, shutdown is ours) and connection limits are enforced before Pingora sees a byte.
 //!
-//! Limits: a cap on connections; the TLS handshake and each HTTP/1 request's headers must
-//! arrive within `header_timeout` (a slow-headers client is cut off however it drips bytes).
-//! Idle kept-alive connections and slow readers are bounded by the keep-alive and write
-//! timeouts the proxy sets on each request.
+//! Limits: caps on connections in total and per source address; the TLS handshake, the h2c
+//! preface check, the HTTP/2 preface and each HTTP/1 request's headers must arrive within
+//! `header_timeout` (a slow-headers client is cut off however it drips bytes); a kept-alive
+//! HTTP/1 connection waits at most `idle_timeout` for its next request; a write pending for
+//! `write_timeout` ends the connection.
 
 use crate::limits::{ConnLimiter, OnTrip};
 use crate::shutdown::Shutdown;

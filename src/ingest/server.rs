@@ -2,8 +2,9 @@
 //! session, authenticates publishers and hands their frames to the edge's publications.
 //!
 //! Each connection is its own task with its own span; whatever one peer sends can end only its
-//! own connection. Limits: connection count, handshake time, idle (stall) time, and the chunk
-//! layer's message and buffer sizes.
+//! own connection. Limits: connection count in total and per source address, handshake time,
+//! a deadline to be publishing with a valid key, idle (stall) time, a write timeout on every
+//! write, and the chunk layer's message and buffer sizes.
 
 use super::auth::{AuthError, Authenticator};
 use super::chunk::ChunkLimits;

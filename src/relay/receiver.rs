@@ -55,6 +55,8 @@ pub struct LiveStream {
     state: Mutex<LiveState>,
     tx: broadcast::Sender<StreamEvent>,
     groups_done: Notify,
+    /// Woken when a codec configuration version arrives.
+    info_added: Notify,
 }
 
 /// How long frames of a newer group wait for an older group's stream to finish.
@@ -92,8 +94,36 @@ impl LiveStream {
         while s.infos.len() > 4 {
             s.infos.pop_first();
         }
-        drop(s);
+        // Sent under the lock: a group reader that sees this version afterwards delivers its
+        // frames after the Info.
         let _ = self.tx.send(StreamEvent::Info { version, info });
+        drop(s);
+        self.info_added.notify_waiters();
+    }
+
+    /// Waits (at most `limit`) until configuration `version` (or a newer one) is known.
+    /// Announces travel on the control stream, which QUIC does not order with group streams:
+    /// without this wait the first frames after a configuration change (the first keyframe of
+    /// a publish, a new sequence header) could reach consumers before the configuration they
+    /// need.
+    async fn wait_info(&self, version: u64, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let added = self.info_added.notified();
+            if self
+                .lock()
+                .infos
+                .keys()
+                .next_back()
+                .is_some_and(|v| *v >= version)
+            {
+                return true;
+            }
+            tokio::select! {
+                _ = added => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
     }
 
     /// Sends frames to consumers. Called with the state lock held, so that frames released by
@@ -221,6 +251,7 @@ impl StreamTable {
             }),
             tx,
             groups_done: Notify::new(),
+            info_added: Notify::new(),
         });
         m.insert(name.to_string(), s.clone());
         drop(m);
@@ -514,6 +545,15 @@ impl CoreRelay {
         let header = header?;
         let stream =
             stream.ok_or_else(|| anyhow!("group for unannounced stream {}", header.stream_id))?;
+        if !stream
+            .wait_info(header.config_version, Duration::from_secs(2))
+            .await
+        {
+            tracing::debug!(
+                version = header.config_version,
+                "group's codec configuration not announced in time"
+            );
+        }
         let result = self
             .read_frames(&stream, header, &mut dec, &mut buf, &mut recv)
             .await;

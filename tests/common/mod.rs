@@ -366,7 +366,13 @@ pub fn edge_config(env: &Env, o: &EdgeOpts) -> PathBuf {
         String::new()
     } else {
         format!(
-            "[playback]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\n{}\n",
+            "[playback]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\n{}{}\n",
+            // Crowds in tests and benchmarks come from one address.
+            if o.extra_playback.contains("max_connections_per_ip") {
+                ""
+            } else {
+                "max_connections_per_ip = 0\n"
+            },
             o.extra_playback
         )
     };
@@ -451,6 +457,8 @@ pub fn start_edge(env: &Env, o: &EdgeOpts) -> Proc {
 }
 
 /// An ffmpeg publisher of testsrc2 + sine, teeing the exact packets it sends into `copy`.
+/// (Through the tee muxer x264 writes no global header, so the FLV has no AVC sequence header:
+/// good for ingest and relay checks, but the origin cannot package it; see `ffmpeg_publish_file`.)
 pub fn ffmpeg_publish(url: &str, secs: u32, size: &str, copy: Option<&Path>) -> Child {
     let mut cmd = Command::new("ffmpeg");
     cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
@@ -486,6 +494,25 @@ pub fn ffmpeg_publish(url: &str, secs: u32, size: &str, copy: Option<&Path>) -> 
         None => cmd.args(["-f", "flv", url]),
     };
     cmd.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ffmpeg")
+}
+
+/// Publishes an FLV file at real-time pace with ffmpeg, packets copied unchanged.
+pub fn ffmpeg_publish_file(url: &str, file: &Path) -> Child {
+    Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-nostdin",
+            "-re",
+            "-i",
+        ])
+        .arg(file)
+        .args(["-c", "copy", "-f", "flv", url])
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("ffmpeg")
