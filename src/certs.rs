@@ -78,7 +78,20 @@ pub fn generate(dir: &Path, force: bool) -> Result<bool> {
         ("server.key", &server_key),
     ] {
         let path = dir.join(name);
-        std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+        // Private keys (the CA's above all) readable by the owner only, from creation on.
+        let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&path)
+        }
+        .with_context(|| format!("writing {}", path.display()))?;
+        std::io::Write::write_all(&mut f, body.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(true)
 }
@@ -171,5 +184,10 @@ mod tests {
         relay_client_config(&p.join("edge.pem"), &p.join("edge.key"), &p.join("ca.pem")).unwrap();
         server_config(&p.join("server.pem"), &p.join("server.key"), &[]).unwrap();
         assert!(server_config(&p.join("server.pem"), &p.join("edge.key"), &[]).is_err());
+        use std::os::unix::fs::PermissionsExt;
+        for k in ["ca.key", "core.key", "edge.key", "server.key"] {
+            let mode = std::fs::metadata(p.join(k)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{k} is {mode:o}");
+        }
     }
 }

@@ -448,7 +448,11 @@ impl Encoder {
         // SAFETY: reading the extradata FFmpeg filled in at open (GLOBAL_HEADER).
         let extradata = unsafe {
             let c = enc.as_ptr();
-            std::slice::from_raw_parts((*c).extradata, (*c).extradata_size.max(0) as usize).to_vec()
+            if (*c).extradata.is_null() || (*c).extradata_size <= 0 {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts((*c).extradata, (*c).extradata_size as usize).to_vec()
+            }
         };
         let nals = annexb_nals(&extradata);
         let sps = nals.iter().find(|n| !n.is_empty() && n[0] & 0x1F == 7);
@@ -608,7 +612,11 @@ impl AudioToAac {
         // SAFETY: reading the AudioSpecificConfig FFmpeg filled in at open (GLOBAL_HEADER).
         let asc = unsafe {
             let c = enc.as_ptr();
-            std::slice::from_raw_parts((*c).extradata, (*c).extradata_size.max(0) as usize).to_vec()
+            if (*c).extradata.is_null() || (*c).extradata_size <= 0 {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts((*c).extradata, (*c).extradata_size as usize).to_vec()
+            }
         };
         if asc.len() < 2 {
             return Err(anyhow!("the AAC encoder gave no AudioSpecificConfig"));
