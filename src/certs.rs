@@ -90,6 +90,12 @@ pub fn generate(dir: &Path, force: bool) -> Result<bool> {
                 .open(&path)
         }
         .with_context(|| format!("writing {}", path.display()))?;
+        // `mode` applies only to a file created now: also narrow one left by an older version.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("restricting {}", path.display()))?;
+        }
         std::io::Write::write_all(&mut f, body.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }

@@ -354,6 +354,28 @@ fn silent_and_dripping_clients_are_cut_off_on_every_listener() {
             "https {alpn:?}: dripping client still connected"
         );
     }
+    // After a request, stray line ends now and then do not keep the connection: they start
+    // the next request's header deadline.
+    let http = r.edge.addr("http");
+    let mut s = TcpStream::connect(http).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let since = Instant::now();
+    assert!(
+        drip(&mut s, b"\r\n", since, header + SLACK),
+        "http: line ends kept a connection open"
+    );
+    // A request with a body the edge would have to wait for: refused and closed.
+    let mut s = TcpStream::connect(http).unwrap();
+    s.write_all(
+        b"GET /live/demo/master.m3u8 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+    )
+    .unwrap();
+    let since = Instant::now();
+    assert!(
+        closed_within(&mut s, since, header + SLACK),
+        "http: request with a body still open"
+    );
     // A kept-alive connection that goes quiet after a request is closed after the idle time.
     for (name, addr) in [
         ("http", r.edge.addr("http")),

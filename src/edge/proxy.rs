@@ -214,6 +214,23 @@ impl ProxyHttp for EdgeProxy {
             respond(session, 405, "method not allowed").await?;
             return Ok(true);
         }
+        // The edge serves only bodiless requests. A body (a length, chunks, an HTTP/2 stream
+        // left open) would be drained or awaited with no deadline: refuse it and close.
+        let h1_body = req.headers.contains_key("transfer-encoding")
+            || req
+                .headers
+                .get("content-length")
+                .is_some_and(|v| v.as_bytes() != b"0");
+        if h1_body || (session.is_http2() && !session.is_body_done()) {
+            self.metrics
+                .edge_refused
+                .with_label_values(&["request_body"])
+                .inc();
+            session.set_keepalive(None);
+            respond(session, 400, "request bodies are not accepted").await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
         let path = req.uri.path().to_string();
         let query = req.uri.query().map(str::to_string);
         if path == "/live/streams.json" {

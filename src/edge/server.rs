@@ -121,8 +121,10 @@ pub async fn serve<A>(
 enum Phase {
     /// Connected, nothing read yet: the first headers are due a header timeout after connecting.
     Connected,
-    /// Inside a request's headers (`matched` bytes of "\r\n\r\n" seen): the deadline runs.
-    Headers { matched: u8 },
+    /// Inside a request's headers (`matched` bytes of "\r\n\r\n" seen; `started` once a byte
+    /// other than CR or LF arrived, so stray line ends cannot pass for an end of headers): the
+    /// deadline runs.
+    Headers { matched: u8, started: bool },
     /// After the headers (the edge serves only bodiless GET and HEAD): no deadline here; the
     /// idle time between requests is Pingora's keep-alive timeout.
     Between,
@@ -195,23 +197,36 @@ impl Guard {
                 Phase::H2 => return,
                 Phase::Preface { got } if usize::from(got) + 1 >= H2_PREFACE.len() => Phase::H2,
                 Phase::Preface { got } => Phase::Preface { got: got + 1 },
-                // Stray line ends between requests are allowed and start nothing.
-                Phase::Between if b == b'\r' || b == b'\n' => Phase::Between,
+                // Any byte starts the next request's deadline, stray line ends included: a
+                // client must not hold the connection by sending CRLF now and then.
                 Phase::Between => {
                     let d = Instant::now() + self.limits.header_timeout;
                     self.deadline.as_mut().reset(d);
-                    Phase::Headers { matched: 0 }
+                    Phase::Headers {
+                        matched: u8::from(b == b'\r'),
+                        started: b != b'\r' && b != b'\n',
+                    }
                 }
                 Phase::Connected => Phase::Headers {
                     matched: u8::from(b == b'\r'),
+                    started: b != b'\r' && b != b'\n',
                 },
-                Phase::Headers { matched } => {
+                Phase::Headers { matched, started } => {
                     let expect = b"\r\n\r\n"[matched as usize];
+                    let started = started || (b != b'\r' && b != b'\n');
                     match (b == expect, matched) {
-                        (true, 3) => Phase::Between,
-                        (true, m) => Phase::Headers { matched: m + 1 },
+                        (true, 3) if started => Phase::Between,
+                        (true, 3) => Phase::Headers {
+                            matched: 0,
+                            started,
+                        },
+                        (true, m) => Phase::Headers {
+                            matched: m + 1,
+                            started,
+                        },
                         (false, _) => Phase::Headers {
                             matched: u8::from(b == b'\r'),
+                            started,
                         },
                     }
                 }
@@ -335,7 +350,10 @@ impl AsyncWrite for Guard {
         match self.poll_drain(cx) {
             Poll::Ready(Ok(())) => match Pin::new(&mut self.inner).poll_flush(cx) {
                 Poll::Pending => self.write_pending(cx),
-                other => other,
+                other => {
+                    self.write_stall = None;
+                    other
+                }
             },
             other => other,
         }

@@ -266,15 +266,22 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             ctx.metrics.ingest_bytes.inc_by(buf.len() as u64);
             let events = session.handle_input(&buf, crate::media::now_unix_us())?;
             buf.clear();
-            handle_events(
+            let work = handle_events(
                 &mut s,
                 ctx,
                 &mut session,
                 events,
                 &mut publishing,
                 &mut kicked,
-            )
-            .await?;
+            );
+            // Answering commands is inside the publish deadline too: a peer that pipelines
+            // commands and reads the answers slowly must not stretch it.
+            match publish_by {
+                Some(t) => tokio::time::timeout_at(t, work)
+                    .await
+                    .map_err(|_| End::PublishTimeout(ctx.cfg.publish_timeout_ms))??,
+                None => work.await?,
+            }
             publish_by = match (&publishing, publish_by) {
                 (Some(_), _) => None,
                 (None, None) => Some(Instant::now() + publish_timeout),
