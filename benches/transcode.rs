@@ -231,25 +231,8 @@ fn main() {
         &common::EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
     );
     let edge = common::Proc::start_quiet("edge", &["edge", "--config", edge_cfg.to_str().unwrap()]);
-    let ok = Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-nostdin",
-            "-re",
-            "-i",
-        ])
-        .arg(&input)
-        .args([
-            "-c",
-            "copy",
-            "-f",
-            "flv",
-            &format!("rtmp://{}/live/demo-key", edge.addr("rtmp")),
-        ])
-        .status()
-        .unwrap();
+    let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
+    let ok = common::ffmpeg_publish_file(&url, &input).wait().unwrap();
     assert!(ok.success());
     std::thread::sleep(Duration::from_secs(1)); // let the last parts out
     let (_, metrics) = common::http_get(core.addr("admin"), "/metrics").unwrap();

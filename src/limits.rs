@@ -180,6 +180,11 @@ impl<S> Deadlines<S> {
         &self.inner
     }
 
+    /// The wrapped stream, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     fn trip(&mut self, reason: &'static str, what: &str) -> std::io::Error {
         if let Some(f) = self.on_trip.take() {
             f(reason);
@@ -244,69 +249,58 @@ impl<S: AsyncRead + Unpin> AsyncRead for Deadlines<S> {
     }
 }
 
+impl<S> Deadlines<S> {
+    /// The verdict on a write-side poll: pending too long fails; progress re-arms the timers.
+    fn settle<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<T>>,
+        progressed: impl FnOnce(&T) -> bool,
+    ) -> Poll<std::io::Result<T>> {
+        match r {
+            Poll::Pending => match self.write_stalled(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            Poll::Ready(r) => {
+                self.write_stall = None;
+                if r.as_ref().is_ok_and(progressed) {
+                    self.moved();
+                }
+                Poll::Ready(r)
+            }
+        }
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Deadlines<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Pending => match self.write_stalled(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
-            other => {
-                self.write_stall = None;
-                if matches!(other, Poll::Ready(Ok(n)) if n > 0) {
-                    self.moved();
-                }
-                other
-            }
-        }
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.settle(cx, r, |n| *n > 0)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Pending => match self.write_stalled(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
-            other => {
-                self.write_stall = None;
-                if matches!(other, Poll::Ready(Ok(n)) if n > 0) {
-                    self.moved();
-                }
-                other
-            }
-        }
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.settle(cx, r, |n| *n > 0)
     }
     // hyper queues bodies by reference only over vectored writes; without this it copies.
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Pending => match self.write_stalled(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
-            other => {
-                self.write_stall = None;
-                other
-            }
-        }
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.settle(cx, r, |_| false)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_shutdown(cx) {
-            Poll::Pending => match self.write_stalled(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
-            other => other,
-        }
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.settle(cx, r, |_| false)
     }
 }
 

@@ -125,19 +125,7 @@ impl Rig {
             wait_child(&mut self.ff, Duration::from_secs(60)),
             "honest publisher failed"
         );
-        let rec = wait_for(
-            "recording of the honest stream",
-            Duration::from_secs(20),
-            || {
-                recordings(&self.env, "core-1").into_iter().find(|p| {
-                    p.file_name()
-                        .unwrap()
-                        .to_str()
-                        .unwrap()
-                        .starts_with("demo-")
-                })
-            },
-        );
+        let rec = stream_recording(&self.env, "core-1", "demo");
         assert_same_frames(&self.sent, &rec);
         for p in [&mut self.edge, &mut self.core] {
             assert!(p.is_running(), "{} died", p.name);
@@ -262,18 +250,7 @@ fn tls_closed_within(
     s.sock
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let mut buf = [0u8; 4096];
-    while Instant::now() < since + within {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(_) => return true,
-        }
-    }
-    false
+    reads_until_closed(s, since + within)
 }
 
 /// Sends `bytes` one at a time every 150 ms until the server closes or `within` passes; true

@@ -45,19 +45,7 @@ impl Rig {
             wait_child(&mut self.ff, Duration::from_secs(40)),
             "good publisher failed"
         );
-        let rec = wait_for(
-            "recording of the good stream",
-            Duration::from_secs(20),
-            || {
-                recordings(&self.env, "core-1").into_iter().find(|p| {
-                    p.file_name()
-                        .unwrap()
-                        .to_str()
-                        .unwrap()
-                        .starts_with("demo-")
-                })
-            },
-        );
+        let rec = stream_recording(&self.env, "core-1", "demo");
         assert_same_frames(&self.sent, &rec);
         assert!(self.edge.is_running());
         assert!(!self.edge.log_text().contains("panicked"));

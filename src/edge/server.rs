@@ -8,7 +8,7 @@
 //! HTTP/1 connection waits at most `idle_timeout` for its next request; a write pending for
 //! `write_timeout` ends the connection.
 
-use crate::limits::{ConnLimiter, OnTrip};
+use crate::limits::{ConnLimiter, Deadlines, OnTrip};
 use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -138,7 +138,8 @@ enum Phase {
 /// client that drips a request byte by byte is cut off however slowly it drips; coalesces
 /// writes between flushes.
 struct Guard {
-    inner: Stream,
+    /// The viewer's stream, with the write timeout (a viewer that stops reading).
+    inner: Deadlines<Stream>,
     limits: Limits,
     phase: Phase,
     deadline: Pin<Box<Sleep>>,
@@ -151,8 +152,6 @@ struct Guard {
     wpos: usize,
     /// Counts the connections a deadline ends.
     on_trip: OnTrip,
-    /// Armed while a write waits on the viewer.
-    write_stall: Option<Pin<Box<Sleep>>>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -164,9 +163,8 @@ impl std::fmt::Debug for Guard {
 impl Guard {
     fn new(inner: Stream, limits: Limits, h2: bool, on_trip: OnTrip) -> Self {
         Guard {
+            inner: Deadlines::new(inner, limits.write_timeout).on_trip(on_trip.clone()),
             on_trip,
-            write_stall: None,
-            inner,
             limits,
             phase: if h2 {
                 Phase::Preface { got: 0 }
@@ -270,22 +268,6 @@ impl AsyncRead for Guard {
 }
 
 impl Guard {
-    /// A write that stays pending for the write timeout fails: the viewer stopped reading.
-    fn write_pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
-        let t = self.limits.write_timeout;
-        let stall = self
-            .write_stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
-        if stall.as_mut().poll(cx).is_ready() {
-            (self.on_trip)("write_timeout");
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "viewer stopped reading (write timeout)",
-            )));
-        }
-        Poll::Pending
-    }
-
     /// Writes out the coalesced bytes.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while self.wpos < self.wbuf.len() {
@@ -295,9 +277,8 @@ impl Guard {
                 }
                 Poll::Ready(Ok(n)) => n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return self.write_pending(cx),
+                Poll::Pending => return Poll::Pending,
             };
-            self.write_stall = None;
             self.wpos += n;
         }
         self.wbuf.clear();
@@ -319,13 +300,7 @@ impl AsyncWrite for Guard {
     ) -> Poll<std::io::Result<usize>> {
         let me = &mut *self;
         if !me.coalesce {
-            return match Pin::new(&mut me.inner).poll_write(cx, buf) {
-                Poll::Pending => me.write_pending(cx),
-                other => {
-                    me.write_stall = None;
-                    other
-                }
-            };
+            return Pin::new(&mut me.inner).poll_write(cx, buf);
         }
         if me.wbuf.len() + buf.len() > WRITE_COALESCE {
             match me.poll_drain(cx) {
@@ -334,13 +309,7 @@ impl AsyncWrite for Guard {
                 Poll::Pending => return Poll::Pending,
             }
             if buf.len() >= WRITE_COALESCE {
-                return match Pin::new(&mut me.inner).poll_write(cx, buf) {
-                    Poll::Pending => me.write_pending(cx),
-                    other => {
-                        me.write_stall = None;
-                        other
-                    }
-                };
+                return Pin::new(&mut me.inner).poll_write(cx, buf);
             }
         }
         me.wbuf.extend_from_slice(buf);
@@ -348,13 +317,7 @@ impl AsyncWrite for Guard {
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.poll_drain(cx) {
-            Poll::Ready(Ok(())) => match Pin::new(&mut self.inner).poll_flush(cx) {
-                Poll::Pending => self.write_pending(cx),
-                other => {
-                    self.write_stall = None;
-                    other
-                }
-            },
+            Poll::Ready(Ok(())) => Pin::new(&mut self.inner).poll_flush(cx),
             other => other,
         }
     }
@@ -369,43 +332,43 @@ impl AsyncWrite for Guard {
 #[async_trait]
 impl IoShutdown for Guard {
     async fn shutdown(&mut self) {
-        self.inner.shutdown().await
+        self.inner.get_mut().shutdown().await
     }
 }
 
 impl UniqueID for Guard {
     fn id(&self) -> UniqueIDType {
-        self.inner.id()
+        self.inner.get_ref().id()
     }
 }
 
 impl Ssl for Guard {
     fn get_ssl(&self) -> Option<&TlsRef> {
-        self.inner.get_ssl()
+        self.inner.get_ref().get_ssl()
     }
     fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
-        self.inner.get_ssl_digest()
+        self.inner.get_ref().get_ssl_digest()
     }
     fn selected_alpn_proto(&self) -> Option<ALPN> {
-        self.inner.selected_alpn_proto()
+        self.inner.get_ref().selected_alpn_proto()
     }
 }
 
 impl GetTimingDigest for Guard {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
+        self.inner.get_ref().get_timing_digest()
     }
 }
 
 impl GetProxyDigest for Guard {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
+        self.inner.get_ref().get_proxy_digest()
     }
 }
 
 impl GetSocketDigest for Guard {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
+        self.inner.get_ref().get_socket_digest()
     }
 }
 

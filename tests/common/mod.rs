@@ -745,9 +745,14 @@ pub fn send_paced(p: &mut RawPublisher, chunks: &[(u32, Vec<u8>)], speed: u32) {
 
 /// True once the peer closed `s` (EOF or reset) within `timeout`.
 pub fn closed_by_peer(s: &mut TcpStream, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
     s.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
+    reads_until_closed(s, Instant::now() + timeout)
+}
+
+/// Reads (and drops) what `s` delivers until the peer closes (EOF or an error): true, or
+/// `deadline` passes: false. The caller gives the underlying socket a short read timeout.
+pub fn reads_until_closed(s: &mut impl Read, deadline: Instant) -> bool {
     let mut buf = [0u8; 65536];
     while Instant::now() < deadline {
         match s.read(&mut buf) {
@@ -760,6 +765,22 @@ pub fn closed_by_peer(s: &mut TcpStream, timeout: Duration) -> bool {
         }
     }
     false
+}
+
+/// The finished recording of stream `name` in a core's record directory, waited for.
+pub fn stream_recording(env: &Env, core: &str, name: &str) -> PathBuf {
+    let prefix = format!("{name}-");
+    wait_for(
+        &format!("recording of stream {name}"),
+        Duration::from_secs(20),
+        || {
+            recordings(env, core).into_iter().find(|p| {
+                p.file_name()
+                    .and_then(|f| f.to_str())
+                    .is_some_and(|f| f.starts_with(&prefix))
+            })
+        },
+    )
 }
 
 /// Tags of an FLV file: (type, timestamp, body).
