@@ -530,6 +530,9 @@ fn rtmp_connections_must_publish_in_time_and_share_slots_fairly() {
 
 // ---- 5. Asking ahead must not spoil the cache ---------------------------------------------
 
+/// LLHLS.md §6.2.6 (a part never hinted that does not exist: 404) with appendix B.1 (failures
+/// cached briefly): a 404 for something not there *yet* must not be cached, or it outlives the
+/// moment the part or segment appears.
 #[test]
 fn asking_ahead_never_makes_media_unavailable() {
     let r = rig(16, "");
@@ -615,6 +618,8 @@ fn burst(addr: SocketAddr, method: &str, path: &str, n: usize) -> Vec<(u16, Stri
     threads.into_iter().map(|t| t.join().unwrap()).collect()
 }
 
+/// LLHLS.md caching (appendix B.1): one request per object, whatever the method or spelling;
+/// the cache key keeps `_HLS_msn` in canonical form.
 #[test]
 fn head_requests_and_odd_names_cost_one_core_request() {
     let r = rig(16, "");
