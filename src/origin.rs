@@ -71,6 +71,8 @@ pub struct Rendition {
     changed_us: std::sync::atomic::AtomicU64,
     /// The stream's codec configuration (for CODECS and RESOLUTION).
     info: Mutex<StreamInfo>,
+    /// When a bound last dropped frames was logged (unix ms).
+    drop_logged_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Rendition {
@@ -119,13 +121,33 @@ impl Rendition {
 
     /// Pushes a frame; on a new part, records its delay and wakes waiters.
     fn push(&self, f: crate::media::Frame, metrics: &CoreMetrics) {
-        let arrival = {
+        let (changed, dropped) = {
             let mut p = self.lock();
-            if !p.push(f, now_ms()) {
-                return;
-            }
-            p.take_part_arrival()
+            let changed = p.push(f, now_ms());
+            (changed, p.take_dropped())
         };
+        for (reason, n) in dropped {
+            metrics.media_dropped.with_label_values(&[reason]).inc_by(n);
+            // At most one line per rendition every 10 s: the counter says how many.
+            let now = now_ms().max(0) as u64;
+            let last = self
+                .drop_logged_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if now >= last + 10_000 {
+                self.drop_logged_ms
+                    .store(now, std::sync::atomic::Ordering::Relaxed);
+                warn!(
+                    rendition = %self.name,
+                    reason,
+                    n,
+                    "frames dropped: a per-stream buffer reached its bound"
+                );
+            }
+        }
+        if !changed {
+            return;
+        }
+        let arrival = self.lock().take_part_arrival();
         if let Some(a) = arrival {
             let delay = crate::media::now_unix_us().saturating_sub(a) as f64 / 1e6;
             metrics
@@ -200,6 +222,7 @@ impl Origin {
             target_duration_s: self.cfg.target_duration_s,
             window_segments: self.cfg.window_segments,
             audio_wait_ms: 150,
+            ..PackagerConfig::default()
         }
     }
 
@@ -455,6 +478,7 @@ impl Origin {
                 rendered: Mutex::new(HashMap::new()),
                 changed_us: std::sync::atomic::AtomicU64::new(0),
                 info: Mutex::new(info),
+                drop_logged_ms: std::sync::atomic::AtomicU64::new(0),
             })
         };
         let mut renditions = vec![rendition(SOURCE, info.clone())];

@@ -16,6 +16,17 @@ use std::collections::{BTreeMap, VecDeque};
 
 /// A longer jump in the source's timestamps is a discontinuity rather than a gap to fill.
 const MAX_GAP_MS: i64 = 10_000;
+/// Timestamps (ms) beyond ±2^42 (139 years) are refused: every product below (90 kHz ticks,
+/// audio sample rates up to 2^20 Hz) then fits in 64 bits, whatever the publisher sends.
+const MAX_TIMESTAMP_MS: i64 = 1 << 42;
+/// Composition offsets (pts − dts) beyond a minute are refused (the 90 kHz offset is 32-bit).
+const MAX_CTS_MS: i64 = 60_000;
+/// Audio held waiting for its video: at most this span of timestamps...
+const MAX_AUDIO_AHEAD_MS: i64 = 10_000;
+/// ...and this many bytes (with `FRAME_OVERHEAD` each), whatever the timestamps say.
+const MAX_AUDIO_QUEUE_BYTES: usize = 4 << 20;
+/// Bookkeeping counted per buffered frame, so that empty frames still count.
+const FRAME_OVERHEAD: usize = 64;
 
 /// Packaging settings.
 #[derive(Debug, Clone)]
@@ -28,6 +39,9 @@ pub struct PackagerConfig {
     pub window_segments: usize,
     /// How long a part whose video is complete waits for its audio (ms).
     pub audio_wait_ms: u64,
+    /// Bytes of video one part may hold while it fills: video whose timestamps do not advance
+    /// would otherwise never close its part.
+    pub max_part_bytes: usize,
 }
 
 impl Default for PackagerConfig {
@@ -37,6 +51,7 @@ impl Default for PackagerConfig {
             target_duration_s: 2,
             window_segments: 10,
             audio_wait_ms: 150,
+            max_part_bytes: 32 << 20,
         }
     }
 }
@@ -85,6 +100,11 @@ pub struct Packager {
     /// Start dts of the segment the cutter is filling (decided when its first frame arrives).
     cut_seg_start: Option<i64>,
     audio_q: VecDeque<Frame>,
+    /// Bytes in `audio_q` and in `part` (with `FRAME_OVERHEAD` each).
+    audio_q_bytes: usize,
+    part_bytes: usize,
+    /// Frames dropped by a bound since the caller last took the counts, by reason.
+    dropped: Vec<(&'static str, u64)>,
     /// The playlist model.
     pub playlist: MediaPlaylist,
     seg_start_dts: Option<i64>,
@@ -149,6 +169,9 @@ impl Packager {
             waiting: None,
             cut_seg_start: None,
             audio_q: VecDeque::new(),
+            audio_q_bytes: 0,
+            part_bytes: 0,
+            dropped: vec![],
             seg_start_dts: None,
             next_msn: first_msn,
             fragment_seq: 1,
@@ -236,7 +259,7 @@ impl Packager {
     /// and a new init segment. Media sequence numbers continue.
     pub fn restart(&mut self, info: StreamInfo, init_id: u64, now_ms: i64) {
         self.new_timeline(now_ms);
-        self.audio_q.clear();
+        self.retain_audio(|_| false);
         self.info = info;
         self.has_audio = self.info.audio.is_some();
         if let Some(old) = self.init.take() {
@@ -261,16 +284,70 @@ impl Packager {
         if self.init.is_none() && self.build_init().is_none() {
             return false; // no video configuration yet
         }
+        let sane = |t: i64| t.unsigned_abs() <= MAX_TIMESTAMP_MS as u64;
+        // Both within ±2^42, so the difference cannot overflow.
+        if !sane(f.dts) || !sane(f.pts) || (f.pts - f.dts).abs() > MAX_CTS_MS {
+            self.count_drop("bad_timestamp");
+            return false;
+        }
         match f.track {
             TrackKind::Audio => {
                 if !self.has_audio {
                     return false;
                 }
+                self.audio_q_bytes += f.data.len() + FRAME_OVERHEAD;
                 self.audio_q.push_back(f);
+                self.bound_audio();
                 self.try_close(now_ms)
             }
             TrackKind::Video => self.push_video(f, now_ms),
         }
+    }
+
+    /// Frames dropped by a bound since the last call, by reason (for a metric and a log line).
+    pub fn take_dropped(&mut self) -> Vec<(&'static str, u64)> {
+        std::mem::take(&mut self.dropped)
+    }
+
+    fn count_drop(&mut self, reason: &'static str) {
+        match self.dropped.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.dropped.push((reason, 1)),
+        }
+    }
+
+    /// Audio that runs ahead of the video (or goes on after the video stopped) waits in the
+    /// queue for video to place it: keep only the newest `MAX_AUDIO_AHEAD_MS` and
+    /// `MAX_AUDIO_QUEUE_BYTES` of it.
+    fn bound_audio(&mut self) {
+        let newest = self.audio_q.back().map_or(0, |a| a.dts);
+        while let Some(a) = self.audio_q.front() {
+            if self.audio_q_bytes <= MAX_AUDIO_QUEUE_BYTES && newest - a.dts <= MAX_AUDIO_AHEAD_MS {
+                break;
+            }
+            self.pop_audio();
+            self.count_drop("audio_ahead");
+        }
+    }
+
+    fn pop_audio(&mut self) -> Option<Frame> {
+        let a = self.audio_q.pop_front()?;
+        self.audio_q_bytes = self
+            .audio_q_bytes
+            .saturating_sub(a.data.len() + FRAME_OVERHEAD);
+        Some(a)
+    }
+
+    /// Drops queued audio that `keep` rejects.
+    fn retain_audio(&mut self, keep: impl Fn(&Frame) -> bool) -> usize {
+        let before = self.audio_q.len();
+        self.audio_q.retain(|a| keep(a));
+        self.audio_q_bytes = self
+            .audio_q
+            .iter()
+            .map(|a| a.data.len() + FRAME_OVERHEAD)
+            .sum();
+        before - self.audio_q.len()
     }
 
     fn push_video(&mut self, f: Frame, now_ms: i64) -> bool {
@@ -321,7 +398,7 @@ impl Packager {
                     changed |= self.emit_waiting(); // its audio is late: go without it
                 }
                 self.waiting = Some(Waiting {
-                    video: std::mem::take(&mut self.part),
+                    video: self.take_part(),
                     end: f.dts,
                     since: now_ms,
                     closes_segment: new_segment,
@@ -334,8 +411,20 @@ impl Packager {
         } else if self.cut_seg_start.is_none() {
             self.cut_seg_start = Some(f.dts);
         }
+        let size = f.data.len() + FRAME_OVERHEAD;
+        if self.part_bytes + size > self.cfg.max_part_bytes {
+            // Only timestamps that do not advance (or absurd frame sizes) get here.
+            self.count_drop("part_too_large");
+            return changed;
+        }
+        self.part_bytes += size;
         self.part.push(f);
         changed
+    }
+
+    fn take_part(&mut self) -> Vec<Frame> {
+        self.part_bytes = 0;
+        std::mem::take(&mut self.part)
     }
 
     fn open_segment(&mut self, dts: i64) {
@@ -402,7 +491,7 @@ impl Packager {
             return false;
         };
         self.emit_waiting();
-        let video = std::mem::take(&mut self.part);
+        let video = self.take_part();
         self.emit_part(video, from);
         let target_ms = i64::from(self.cfg.target_duration_s) * 1000;
         // Gap parts divide a segment evenly, each within PART-TARGET.
@@ -425,8 +514,8 @@ impl Packager {
             cursor = end;
         }
         // Audio of the skipped time cannot be placed without its video.
-        let dropped = self.audio_q.iter().filter(|a| a.dts < next.dts).count();
-        self.audio_q.retain(|a| a.dts >= next.dts);
+        let next_dts = next.dts;
+        let dropped = self.retain_audio(|a| a.dts >= next_dts);
         self.audio_next_ticks = None;
         if dropped > 0 {
             tracing::debug!(dropped, "audio inside a gap dropped");
@@ -463,7 +552,7 @@ impl Packager {
         self.new_timeline(now_ms);
         // Keep the audio that belongs to the new timeline.
         let window = 2 * i64::from(self.cfg.target_duration_s) * 1000;
-        self.audio_q.retain(|a| (a.dts - next_dts).abs() < window);
+        self.retain_audio(|a| (a.dts - next_dts).abs() < window);
         true
     }
 
@@ -511,7 +600,7 @@ impl Packager {
         for (i, f) in video.iter().enumerate() {
             let next = video.get(i + 1).map_or(end, |n| n.dts);
             samples.push(Sample {
-                duration: ((next - f.dts).max(0) * 90) as u32,
+                duration: u32::try_from((next - f.dts).max(0) * 90).unwrap_or(u32::MAX),
                 cts_offset: ((f.pts - f.dts) * 90) as i32,
                 sync: f.keyframe,
                 data: f.data.clone(),
@@ -527,8 +616,8 @@ impl Packager {
             let mut samples = vec![];
             let mut base = None;
             while self.audio_q.front().is_some_and(|a| a.dts < end) {
-                let a = self.audio_q.pop_front().expect("checked");
-                let exact = (a.dts.max(0) as u64) * u64::from(self.audio_rate) / 1000;
+                let Some(a) = self.pop_audio() else { break };
+                let exact = (a.dts.max(0) as u64).saturating_mul(u64::from(self.audio_rate)) / 1000;
                 let ticks = match self.audio_next_ticks {
                     // Keep exact 1024-sample steps unless the timestamps jumped (a gap).
                     Some(t) if t.abs_diff(exact) < 1024 => t,
@@ -579,7 +668,7 @@ impl Packager {
         self.emit_waiting();
         if let Some(last) = self.part.last() {
             let end = last.dts + self.timing.map_or(33, |t| t.frame_ms.round() as i64);
-            let video = std::mem::take(&mut self.part);
+            let video = self.take_part();
             self.emit_part(video, end);
         }
         self.close_segment();
@@ -943,5 +1032,64 @@ mod tests {
             assert!(d.parts[0].independent);
             assert_eq!(d.map_uri, "init-1.mp4", "same init segment");
         }
+    }
+
+    #[test]
+    fn buffers_are_bounded_whatever_the_timestamps() {
+        let mut p = Packager::new(PackagerConfig::default(), info(), 0, 1);
+        feed(&mut p, 3, 60);
+        assert!(p.take_dropped().is_empty());
+        // Audio that runs on after the video stopped: at most MAX_AUDIO_AHEAD_MS is held.
+        for i in 0..20_000i64 {
+            p.push(frame(TrackKind::Audio, 3_000 + i * 21, true), 3_000);
+        }
+        let span = p.audio_q.back().unwrap().dts - p.audio_q.front().unwrap().dts;
+        assert!(span <= MAX_AUDIO_AHEAD_MS, "audio span {span}");
+        let dropped = p.take_dropped();
+        assert!(
+            matches!(dropped[..], [("audio_ahead", n)] if n > 10_000),
+            "{dropped:?}"
+        );
+        // Audio with one timestamp forever: the byte bound holds.
+        let big = Bytes::from(vec![0u8; 4096]);
+        for _ in 0..5_000 {
+            let mut a = frame(TrackKind::Audio, 500_000, true);
+            a.data = big.clone();
+            p.push(a, 3_000);
+        }
+        assert!(p.audio_q_bytes <= MAX_AUDIO_QUEUE_BYTES);
+        assert_eq!(
+            p.audio_q_bytes,
+            p.audio_q
+                .iter()
+                .map(|a| a.data.len() + FRAME_OVERHEAD)
+                .sum::<usize>()
+        );
+        // Video whose timestamps never advance never closes its part: bounded too.
+        let cfg = PackagerConfig {
+            max_part_bytes: 1 << 20,
+            ..PackagerConfig::default()
+        };
+        let mut v = Packager::new(cfg, info(), 0, 1);
+        for i in 0..5_000 {
+            let mut f = frame(TrackKind::Video, 1_000, i == 0);
+            f.data = big.clone();
+            v.push(f, 1_000);
+        }
+        assert!(v.part_bytes <= 1 << 20);
+        assert_eq!(v.take_dropped()[0].0, "part_too_large");
+        // Absurd timestamps are refused, not multiplied.
+        for (dts, pts) in [
+            (i64::MAX, i64::MAX),
+            (0, i64::MAX),
+            (i64::MIN, 0),
+            (0, 120_000),
+        ] {
+            let mut f = frame(TrackKind::Video, 0, true);
+            f.dts = dts;
+            f.pts = pts;
+            assert!(!v.push(f, 2_000));
+        }
+        assert_eq!(v.take_dropped(), vec![("bad_timestamp", 4)]);
     }
 }

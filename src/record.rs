@@ -59,7 +59,7 @@ impl<W: Write> FlvWriter<W> {
     pub fn write_frame(&mut self, f: &Frame, info: &StreamInfo) -> std::io::Result<()> {
         let ts = f.dts.clamp(0, i64::from(u32::MAX)) as u32;
         self.last_ts = ts;
-        let cts = (f.pts - f.dts).clamp(-(1 << 23), (1 << 23) - 1) as i32;
+        let cts = f.pts.saturating_sub(f.dts).clamp(-(1 << 23), (1 << 23) - 1) as i32;
         let cts = &cts.to_be_bytes()[1..];
         match f.track {
             TrackKind::Video => {

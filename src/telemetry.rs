@@ -255,6 +255,8 @@ pub struct CoreMetrics {
     pub origin_refused: IntCounterVec,
     /// Admin connections refused or cut off, by reason.
     pub admin_refused: IntCounterVec,
+    /// Media dropped because a per-stream buffer reached its bound, by reason.
+    pub media_dropped: IntCounterVec,
 }
 
 fn admin_refused(r: &Registry) -> IntCounterVec {
@@ -385,6 +387,12 @@ impl CoreMetrics {
                 &["reason"],
             ),
             admin_refused: admin_refused(&r),
+            media_dropped: counter_vec(
+                &r,
+                "livepop_core_media_dropped_total",
+                "Frames dropped because a per-stream buffer reached its bound, by reason",
+                &["reason"],
+            ),
             transcode_latency: {
                 let h = HistogramVec::new(
                     HistogramOpts::new(

@@ -313,7 +313,7 @@ fn decode_loop(
             Some(f) => {
                 frames_in.inc();
                 if f.keyframe {
-                    delay = (f.pts - f.dts).clamp(0, 1000);
+                    delay = f.pts.saturating_sub(f.dts).clamp(0, 1000);
                 }
                 last_arrival = f.arrival_us;
                 arrivals.insert(f.pts, (f.arrival_us, f.keyframe));

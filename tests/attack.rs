@@ -39,6 +39,11 @@ fn limits_block(header: u64, idle: u64, write: u64) -> String {
 /// publisher runs for `secs`, and the honest viewer plays from the first part until shortly
 /// before the publisher stops.
 fn rig(secs: u32, extra_rtmp: &str) -> Rig {
+    rig_with(secs, extra_rtmp, "")
+}
+
+/// `rig`, with extra keys for the edge's [relay] section.
+fn rig_with(secs: u32, extra_rtmp: &str, extra_relay: &str) -> Rig {
     let env = Env::new();
     let admin_limits = format!("[admin]\n{}", limits_block(HEADER_MS, IDLE_MS, WRITE_MS));
     let core_cfg = core_config(&env, "core-1", "127.0.0.1:0", true);
@@ -61,7 +66,8 @@ fn rig(secs: u32, extra_rtmp: &str) -> Rig {
     let cfg = edge_config(&env, &opts);
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replacen("[admin]\n", &admin_limits, 1);
+        .replacen("[admin]\n", &admin_limits, 1)
+        .replacen("[relay]\n", &format!("[relay]\n{extra_relay}\n"), 1);
     std::fs::write(&cfg, text).unwrap();
     let edge = Proc::start("edge", &["edge", "--config", cfg.to_str().unwrap()]);
     let admin = edge.addr("admin");
@@ -691,5 +697,110 @@ fn head_requests_and_odd_names_cost_one_core_request() {
         assert!(answers.windows(2).all(|w| w[0].2 == w[1].2));
         assert_eq!(r.core_requests(&part), 1, "core requests for {part}");
     }
+    r.check_honest();
+}
+
+// ---- 7. Memory grown by a key holder ------------------------------------------------------
+
+/// The relay budget the memory test gives the edge.
+const RELAY_BUDGET: usize = 4 << 20;
+
+/// The AVC and AAC sequence headers and one keyframe of a real encode, as FLV tag bodies.
+fn real_headers(env: &Env) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let src = env.path().join("headers.flv");
+    encode_flv(&src, 1);
+    let tags = flv_tags(&src);
+    let find = |kind: u8, first: u8, second: u8| {
+        tags.iter()
+            .find(|t| t.0 == kind && t.2.len() > 5 && t.2[0] >> 4 == first && t.2[1] == second)
+            .map(|t| t.2.clone())
+            .expect("tag in the encode")
+    };
+    (find(9, 1, 0), find(8, 0xA, 0), find(9, 1, 1))
+}
+
+/// An RTMP message of `kind` (8 audio, 9 video) on the publish stream.
+fn media_message(kind: u8, ts: u32, body: &[u8]) -> Vec<u8> {
+    let csid = if kind == 8 { 4 } else { 6 };
+    livepop::ingest::chunk::write::message(csid, ts, kind, 1, body, RAW_CHUNK)
+}
+
+#[test]
+fn publishers_cannot_grow_memory_past_the_bounds() {
+    let r = rig_with(34, "", &format!("max_buffered_bytes = {RELAY_BUDGET}"));
+    let addr = r.edge.addr("rtmp");
+    let (avc, aac, key) = real_headers(&r.env);
+    let headers = [media_message(9, 0, &avc), media_message(8, 0, &aac)].concat();
+
+    // The edge: one keyframe, then only inter frames (an encoder at -g 100000000), as fast as
+    // the socket takes them: 64 MiB offered against a 4 MiB budget.
+    let mut p = RawPublisher::publish(addr, "other-key");
+    assert!(p.send(&headers) && p.send(&media_message(9, 0, &key)));
+    let mut inter = vec![0x27, 1, 0, 0, 0];
+    let nal = 64 * 1024 - 4;
+    inter.extend_from_slice(&(nal as u32).to_be_bytes());
+    inter.push(0x41);
+    inter.extend((1..nal).map(|i| (i * 7) as u8));
+    let edge_rss = r.edge.memory_mb("VmRSS:");
+    let since = Instant::now();
+    for i in 1..=1024u32 {
+        if !p.send(&media_message(9, i * 33, &inter)) {
+            break;
+        }
+    }
+    assert!(
+        closed_within(&mut p.s, since, Duration::from_secs(10)),
+        "a group past relay.max_buffered_bytes must end the publication"
+    );
+    r.warned("keyframe interval too long");
+    let admin = r.edge.addr("admin");
+    assert_eq!(
+        metric(
+            admin,
+            r#"livepop_ingest_rejected_total{reason="group_too_large"}"#
+        ),
+        1.0
+    );
+    // Unbounded, the group held all 64 MiB; bounded, 4 MiB plus what passing through leaves
+    // in the allocator (about 18 MB, measured).
+    let grown = r.edge.memory_mb("VmRSS:") - edge_rss;
+    eprintln!("edge grew by {grown:.1} MB");
+    assert!(grown < 40.0, "edge grew by {grown:.1} MB");
+
+    // The core: audio 60 s ahead of its video (video keeps coming, so every edge group closes
+    // and the edge's bound holds): the packager's audio queue must stay bounded. 64 MiB.
+    let mut p = RawPublisher::publish(addr, "other-key");
+    assert!(p.send(&headers));
+    let mut audio = vec![0xAF, 1];
+    audio.extend((0..32 * 1024).map(|i| (i * 13) as u8));
+    let core_rss = r.core.memory_mb("VmRSS:");
+    let paced: Vec<(u32, Vec<u8>)> = (0..2000u32)
+        .map(|i| {
+            let ts = i * 33;
+            let wire = [
+                media_message(9, ts, &key),
+                media_message(8, 60_000 + ts, &audio),
+            ]
+            .concat();
+            (ts, wire)
+        })
+        .collect();
+    send_paced(&mut p, &paced, 8);
+    let core_admin = r.core.addr("admin");
+    let dropped = r#"livepop_core_media_dropped_total{reason="audio_ahead"}"#;
+    wait_for(
+        "audio dropped by its bound",
+        Duration::from_secs(15),
+        || (metric(core_admin, dropped) > 100.0).then_some(()),
+    );
+    r.core.wait_log(Duration::from_secs(10), |v| {
+        v["level"] == "WARN" && v.to_string().contains("reached its bound")
+    });
+    // Unbounded, the queue held all 64 MiB (180 MB of RSS, measured); bounded, the growth is
+    // the 4 MiB queue plus what passing through leaves in the allocator (about 30 MB).
+    let grown = r.core.memory_mb("VmRSS:") - core_rss;
+    eprintln!("core grew by {grown:.1} MB");
+    assert!(grown < 48.0, "core grew by {grown:.1} MB");
+    drop(p);
     r.check_honest();
 }

@@ -12,7 +12,7 @@ use super::session::{IngestSession, SessionError, SessionEvent};
 use crate::config::RtmpConfig;
 use crate::limits::{ConnLimiter, Deadlines};
 use crate::media::TrackKind;
-use crate::relay::publication::{Publication, Publications};
+use crate::relay::publication::{Publication, Publications, Pushed};
 use crate::shutdown::Shutdown;
 use crate::telemetry::EdgeMetrics;
 use bytes::BytesMut;
@@ -86,16 +86,34 @@ enum End {
     Replaced,
     #[error("publish refused")]
     Refused,
+    #[error(
+        "a group of pictures reached {bytes} bytes, past relay.max_buffered_bytes = {limit}: \
+         keyframe interval too long (or no keyframes); closing"
+    )]
+    GroupTooLarge { bytes: usize, limit: usize },
     #[error("server shutting down")]
     Shutdown,
 }
 
 impl End {
+    /// The `ingest_rejected` reason, for ends that are a refusal of what the publisher did.
+    fn rejected(&self) -> Option<&'static str> {
+        match self {
+            End::PublishTimeout(_) => Some("publish_timeout"),
+            End::GroupTooLarge { .. } => Some("group_too_large"),
+            _ => None,
+        }
+    }
+
+    /// The `ingest_errors` reason, for ends that are errors.
     fn reason(&self) -> Option<&'static str> {
         match self {
-            End::Eof | End::Replaced | End::Shutdown | End::Refused | End::PublishTimeout(_) => {
-                None
-            }
+            End::Eof
+            | End::Replaced
+            | End::Shutdown
+            | End::Refused
+            | End::PublishTimeout(_)
+            | End::GroupTooLarge { .. } => None,
             End::Stalled(_) => Some("stall"),
             End::Handshake(_) | End::HandshakeTimeout(_) => Some("handshake"),
             End::Session(SessionError::Chunk(_)) => Some("chunk"),
@@ -168,11 +186,9 @@ pub async fn serve(
                 ctx.metrics.ingest_connections.dec();
                 match result {
                     Ok(()) => info!("connection closed"),
-                    Err(e @ End::PublishTimeout(_)) => {
-                        ctx.metrics
-                            .ingest_rejected
-                            .with_label_values(&["publish_timeout"])
-                            .inc();
+                    Err(e) if e.rejected().is_some() => {
+                        let r = e.rejected().unwrap_or_default();
+                        ctx.metrics.ingest_rejected.with_label_values(&[r]).inc();
                         warn!("{e}");
                     }
                     Err(e) => {
@@ -392,13 +408,20 @@ async fn handle_events<S: AsyncRead + AsyncWrite + Unpin>(
             SessionEvent::Frame(f) => {
                 if let Some(p) = publishing {
                     let track = f.track;
-                    if p.p.push(f) {
-                        ctx.metrics
+                    match p.p.push(f) {
+                        Pushed::Added => ctx
+                            .metrics
                             .ingest_frames
                             .with_label_values(&[&p.p.name, track.as_str()])
-                            .inc();
-                    } else if track == TrackKind::Video {
-                        tracing::debug!("video frame before the first keyframe dropped");
+                            .inc(),
+                        Pushed::Dropped => {
+                            if track == TrackKind::Video {
+                                tracing::debug!("video frame before the first keyframe dropped");
+                            }
+                        }
+                        Pushed::GroupTooLarge { bytes, limit } => {
+                            return Err(End::GroupTooLarge { bytes, limit })
+                        }
                     }
                 }
             }

@@ -7,6 +7,12 @@
 use crate::media::{Frame, TrackKind};
 use std::collections::BTreeMap;
 
+/// Bytes of frames held for later groups, per track: past it the current group is given up
+/// as if it had waited `max_wait_us`, so an edge sending ahead cannot grow the core's memory.
+pub const MAX_HELD_BYTES: usize = 64 << 20;
+/// Bookkeeping counted per held frame.
+const FRAME_OVERHEAD: usize = 64;
+
 /// What happened to an offered frame.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Verdict {
@@ -36,6 +42,7 @@ pub struct TrackOrder {
     /// The current group can no longer deliver (its start was lost).
     broken: bool,
     pending: BTreeMap<u64, Pending>,
+    held_bytes: usize,
     max_wait_us: u64,
 }
 
@@ -48,6 +55,7 @@ impl TrackOrder {
             next_idx: 0,
             broken: false,
             pending: BTreeMap::new(),
+            held_bytes: 0,
             max_wait_us,
         }
     }
@@ -89,10 +97,13 @@ impl TrackOrder {
         if p.frames.contains_key(&idx) {
             return Verdict::Duplicate;
         }
+        self.held_bytes += frame.data.len() + FRAME_OVERHEAD;
         p.frames.insert(idx, frame);
-        // The oldest held group has waited too long: give up on the current one.
+        // The oldest held group has waited too long, or too much is held: give up on the
+        // current one.
         let (&oldest, p) = self.pending.iter().next().expect("just inserted");
-        if now_us.saturating_sub(p.since_us) > self.max_wait_us {
+        if now_us.saturating_sub(p.since_us) > self.max_wait_us || self.held_bytes > MAX_HELD_BYTES
+        {
             let before = out.len();
             self.jump(oldest, out);
             let delivered_it = seq <= self.current && out.len() > before;
@@ -115,6 +126,15 @@ impl TrackOrder {
             return;
         }
         self.jump(seq + 1, out);
+    }
+
+    /// Bytes held, counted afresh (after groups left `pending`).
+    fn held(&self) -> usize {
+        self.pending
+            .values()
+            .flat_map(|p| p.frames.values())
+            .map(|f| f.data.len() + FRAME_OVERHEAD)
+            .sum()
     }
 
     fn deliver_current(&mut self, idx: u64, frame: Frame, out: &mut Vec<Frame>) -> Verdict {
@@ -140,12 +160,14 @@ impl TrackOrder {
         self.pending = self.pending.split_off(&seq);
         loop {
             let Some(p) = self.pending.remove(&self.current) else {
+                self.held_bytes = self.held();
                 return;
             };
             for (idx, f) in p.frames {
                 self.deliver_current(idx, f, out);
             }
             if !p.finished {
+                self.held_bytes = self.held();
                 return;
             }
             self.current += 1;
@@ -231,5 +253,24 @@ mod tests {
         let mut a = TrackOrder::new(TrackKind::Audio, 0, 500_000);
         a.offer(0, 0, f(0), 0, &mut out);
         assert_eq!(a.offer(0, 2, f(46), 0, &mut out), Verdict::Delivered);
+    }
+
+    #[test]
+    fn held_frames_are_bounded_in_bytes() {
+        let mut o = TrackOrder::new(TrackKind::Audio, 0, u64::MAX);
+        let mut out = vec![];
+        o.offer(0, 0, f(0), 0, &mut out);
+        // Group 0 never finishes; a later group is sent ahead at full speed.
+        let big = Bytes::from(vec![0u8; 1 << 20]);
+        for i in 0..200u64 {
+            let mut fr = f(1000 + i as i64);
+            fr.data = big.clone();
+            o.offer(1, i, fr, 0, &mut out);
+            assert!(o.held_bytes <= MAX_HELD_BYTES + (1 << 20) + FRAME_OVERHEAD);
+        }
+        // Group 0 was given up and group 1 delivered.
+        assert_eq!(o.position().0, 1);
+        assert!(out.len() > 60);
+        assert_eq!(o.held_bytes, o.held());
     }
 }

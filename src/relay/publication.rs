@@ -21,6 +21,25 @@ pub const MAX_GROUPS: usize = 64;
 /// Audio with no video (yet) is cut into groups of this many milliseconds.
 const AUDIO_ONLY_GROUP_MS: i64 = 2000;
 
+/// What became of a pushed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Buffered for the relay.
+    Added,
+    /// Dropped: video before the first keyframe, or the publication ended.
+    Dropped,
+    /// Not added: the open group alone would pass the byte budget (a keyframe interval too
+    /// long for `relay.max_buffered_bytes`, or a publisher that never sends another keyframe).
+    /// Eviction keeps the newest group whole, so this is the only bound on it: the caller
+    /// ends the publication.
+    GroupTooLarge {
+        /// The group's size with this frame.
+        bytes: usize,
+        /// The budget.
+        limit: usize,
+    },
+}
+
 /// One group of pictures and the audio that arrived with it.
 #[derive(Debug, Clone)]
 pub struct Group {
@@ -186,11 +205,11 @@ impl Publication {
         });
     }
 
-    /// Adds a frame. Returns false if it was dropped (video before the first keyframe).
-    pub fn push(&self, f: Frame) -> bool {
+    /// Adds a frame.
+    pub fn push(&self, f: Frame) -> Pushed {
         let mut s = self.lock();
         if s.ended {
-            return false;
+            return Pushed::Dropped;
         }
         let size = f.data.len() + 64;
         let start_new = match f.track {
@@ -227,11 +246,18 @@ impl Publication {
         }
         // A video frame that is not a keyframe joins the open group: if that group began with
         // audio only, the frame cannot be decoded without its keyframe, so drop it.
+        let max_bytes = self.max_bytes;
         let Some(g) = s.groups.back_mut() else {
-            return false;
+            return Pushed::Dropped;
         };
         if f.track == TrackKind::Video && !f.keyframe && g.video.is_empty() {
-            return false;
+            return Pushed::Dropped;
+        }
+        if g.bytes + size > max_bytes {
+            return Pushed::GroupTooLarge {
+                bytes: g.bytes + size,
+                limit: max_bytes,
+            };
         }
         g.bytes += size;
         match f.track {
@@ -243,7 +269,7 @@ impl Publication {
         Self::evict(&mut s, self.max_bytes);
         drop(s);
         self.bump();
-        true
+        Pushed::Added
     }
 
     /// Drops groups nobody needs: closed older groups that every writer is done with (once a
@@ -475,11 +501,12 @@ mod tests {
     #[test]
     fn groups_start_at_keyframes_and_audio_before_video_is_kept() {
         let p = Publication::new("s", 1, 1 << 20);
-        assert!(p.push(f(TrackKind::Audio, 0, true, 10)));
-        assert!(!p.push(f(TrackKind::Video, 0, false, 10))); // no keyframe yet
-        assert!(p.push(f(TrackKind::Video, 10, true, 10)));
-        assert!(p.push(f(TrackKind::Video, 43, false, 10)));
-        assert!(p.push(f(TrackKind::Audio, 23, true, 10)));
+        let added = |fr| p.push(fr) == Pushed::Added;
+        assert!(added(f(TrackKind::Audio, 0, true, 10)));
+        assert!(!added(f(TrackKind::Video, 0, false, 10))); // no keyframe yet
+        assert!(added(f(TrackKind::Video, 10, true, 10)));
+        assert!(added(f(TrackKind::Video, 43, false, 10)));
+        assert!(added(f(TrackKind::Audio, 23, true, 10)));
         assert_eq!(p.snapshot().groups, Some((0, 1)));
         match p.read(0, TrackKind::Audio, 0) {
             Read::Frames { frames, closed } => {
@@ -514,10 +541,25 @@ mod tests {
         }
         assert_eq!(b.snapshot().groups, Some((0, 9)));
         assert!(matches!(p.read(0, TrackKind::Video, 0), Read::Evicted));
-        // A huge group evicts everything older but itself.
-        p.push(f(TrackKind::Video, 20_000, true, 50_000));
+        // A big group evicts everything older but itself.
+        p.push(f(TrackKind::Video, 20_000, true, 9_900));
         assert_eq!(p.snapshot().groups, Some((10, 10)));
-        assert!(p.buffered_bytes() < 60_000);
+        // A group that would pass the budget by itself is refused, whatever its frames are.
+        assert_eq!(
+            p.push(f(TrackKind::Video, 20_033, false, 1_000)),
+            Pushed::GroupTooLarge {
+                bytes: 9_964 + 1_064,
+                limit: 10_000
+            }
+        );
+        assert_eq!(
+            p.push(f(TrackKind::Audio, 20_040, true, 2_000)),
+            Pushed::GroupTooLarge {
+                bytes: 9_964 + 2_064,
+                limit: 10_000
+            }
+        );
+        assert!(p.buffered_bytes() <= 10_000);
     }
 
     #[test]

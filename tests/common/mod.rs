@@ -767,6 +767,103 @@ pub fn reads_until_closed(s: &mut impl Read, deadline: Instant) -> bool {
     false
 }
 
+// ---- hostile clients (tests/attack.rs and the soak benchmark) -----------------------------
+
+/// The connection-deadline keys of an HTTP listener's section ([admin], [playback], [origin]).
+pub fn limits_block(header: u64, idle: u64, write: u64) -> String {
+    format!("header_timeout_ms = {header}\nidle_timeout_ms = {idle}\nwrite_timeout_ms = {write}\n")
+}
+
+/// A connection closed by the server within `within` of `since`.
+pub fn closed_within(s: &mut TcpStream, since: Instant, within: Duration) -> bool {
+    let left = (since + within).saturating_duration_since(Instant::now());
+    closed_by_peer(s, left)
+}
+
+/// One deeply nested AMF0 message of `type_id` right after the handshake (no connect, no key),
+/// with the chunk size raised so it arrives as one chunk; true once the server has ended that
+/// connection (within 5 s).
+pub fn send_deep_amf0(addr: SocketAddr, type_id: u8, body: &[u8]) -> bool {
+    use livepop::ingest::chunk::write;
+    let (mut s, _) = rtmp_handshake(addr);
+    let chunk = 1u32 << 20;
+    let mut wire = write::message(2, 0, 1, 0, &chunk.to_be_bytes(), 128);
+    let mut payload = if type_id == 17 { vec![0u8] } else { vec![] };
+    payload.extend_from_slice(body);
+    wire.extend(write::message(3, 0, type_id, 0, &payload, chunk as usize));
+    let since = Instant::now();
+    let _ = s.write_all(&wire);
+    closed_within(&mut s, since, Duration::from_secs(5))
+}
+
+/// Sends `bytes` one at a time every 150 ms until the server closes or `within` passes; true
+/// if it closed in time.
+pub fn drip(s: &mut impl Write, bytes: &[u8], since: Instant, within: Duration) -> bool {
+    for b in bytes.iter().cycle() {
+        if Instant::now() > since + within {
+            return false;
+        }
+        if s.write_all(&[*b]).and_then(|_| s.flush()).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(150)); // shapes the drip; synchronizes nothing
+    }
+    unreachable!()
+}
+
+/// A connection with a tiny receive window, so that a server's writes to a client that does
+/// not read block instead of filling the kernel's buffers.
+pub fn connect_small_window(addr: SocketAddr) -> TcpStream {
+    let s = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.set_recv_buffer_size(4096).unwrap();
+            sock.connect(addr).await.unwrap().into_std().unwrap()
+        });
+    s.set_nonblocking(false).unwrap();
+    s
+}
+
+/// `n` concurrent requests with `method` for `path` through the edge; returns their
+/// (status, head, body).
+pub fn burst(addr: SocketAddr, method: &str, path: &str, n: usize) -> Vec<(u16, String, Vec<u8>)> {
+    // Connected before any thread starts: a failed connect then cannot leave the others
+    // waiting at the barrier forever.
+    let socks: Vec<TcpStream> = (0..n)
+        .map(|_| {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s
+        })
+        .collect();
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = socks
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            let barrier = barrier.clone();
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let req = format!(
+                "{method} {path}{sep}viewer={i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            );
+            std::thread::spawn(move || {
+                barrier.wait();
+                s.write_all(req.as_bytes()).unwrap();
+                let mut resp = vec![];
+                s.read_to_end(&mut resp).unwrap();
+                let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                let head = String::from_utf8_lossy(&resp[..split]).to_string();
+                let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+                (status, head, resp[split + 4..].to_vec())
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
 /// The finished recording of stream `name` in a core's record directory, waited for.
 pub fn stream_recording(env: &Env, core: &str, name: &str) -> PathBuf {
     let prefix = format!("{name}-");
