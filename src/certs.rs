@@ -1,5 +1,10 @@
 //! Development certificates: a fleet CA, a core server certificate, an edge client certificate
-//! and a server certificate for RTMPS/HTTPS, all for localhost. `livepop dev-certs DIR`.
+//! (node id `edge-1`, more with `--edge ID`), and a server certificate for RTMPS/HTTPS from a
+//! separate public CA, all for localhost. `livepop dev-certs DIR`.
+//!
+//! The public certificate never comes from the fleet CA: its key sits on every internet-facing
+//! edge, and a fleet-signed server certificate could impersonate a core to the edges. An edge
+//! certificate names its node id (SAN dNSName): the core checks the relay Hello against it.
 //!
 //! For development and tests only: production fleets use their own PKI (see README).
 //! Also holds the PEM loading and rustls configuration shared by RTMPS and the QUIC relay.
@@ -15,7 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Files written by `generate`.
-pub const FILES: [&str; 8] = [
+pub const FILES: [&str; 9] = [
     "ca.pem",
     "ca.key",
     "core.pem",
@@ -24,14 +29,20 @@ pub const FILES: [&str; 8] = [
     "edge.key",
     "server.pem",
     "server.key",
+    "public-ca.pem",
 ];
+
+/// The node id the default development edge certificate names (the example edge's).
+pub const DEV_EDGE_NODE: &str = "edge-1";
+const FLEET_CA_NAME: &str = "livepop development fleet CA";
 
 fn leaf(
     name: &str,
+    dns: &[&str],
     usage: ExtendedKeyUsagePurpose,
     issuer: &Issuer<'_, KeyPair>,
 ) -> Result<(String, String)> {
-    let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
+    let mut p = CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())?;
     p.subject_alt_names
         .push(SanType::IpAddress("127.0.0.1".parse()?));
     p.subject_alt_names.push(SanType::IpAddress("::1".parse()?));
@@ -50,22 +61,32 @@ pub fn generate(dir: &Path, force: bool) -> Result<bool> {
         return Ok(false);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "livepop development fleet CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_key = KeyPair::generate()?;
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let ca_pem = ca_cert.pem();
+    let ca_pem = ca_params(FLEET_CA_NAME)?.self_signed(&ca_key)?.pem();
     let ca_key_pem = ca_key.serialize_pem();
-    let issuer = Issuer::new(ca, ca_key);
-    let (core, core_key) = leaf("livepop core", ExtendedKeyUsagePurpose::ServerAuth, &issuer)?;
-    let (edge, edge_key) = leaf("livepop edge", ExtendedKeyUsagePurpose::ClientAuth, &issuer)?;
-    let (server, server_key) = leaf(
-        "livepop server",
+    let issuer = Issuer::new(ca_params(FLEET_CA_NAME)?, ca_key);
+    let (core, core_key) = leaf(
+        "livepop core",
+        &["localhost"],
         ExtendedKeyUsagePurpose::ServerAuth,
         &issuer,
+    )?;
+    let (edge, edge_key) = leaf(
+        "livepop edge",
+        &[DEV_EDGE_NODE, "localhost"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &issuer,
+    )?;
+    // The public CA signs the one server certificate and its key is thrown away.
+    let public_key = KeyPair::generate()?;
+    let public_params = ca_params("livepop development public CA")?;
+    let public_pem = public_params.self_signed(&public_key)?.pem();
+    let public = Issuer::new(public_params, public_key);
+    let (server, server_key) = leaf(
+        "livepop server",
+        &["localhost"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &public,
     )?;
     for (name, body) in [
         ("ca.pem", &ca_pem),
@@ -76,7 +97,48 @@ pub fn generate(dir: &Path, force: bool) -> Result<bool> {
         ("edge.key", &edge_key),
         ("server.pem", &server),
         ("server.key", &server_key),
+        ("public-ca.pem", &public_pem),
     ] {
+        write_file(dir, name, body)?;
+    }
+    Ok(true)
+}
+
+fn ca_params(name: &str) -> Result<CertificateParams> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, name);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(ca)
+}
+
+/// Writes `node-ID.pem`/`.key` into `dir`: an edge client certificate for node `id`, signed by
+/// the development fleet CA already there. Kept if present, unless `force`.
+pub fn generate_edge(dir: &Path, id: &str, force: bool) -> Result<()> {
+    rustls::pki_types::ServerName::try_from(id)
+        .ok()
+        .filter(|n| matches!(n, rustls::pki_types::ServerName::DnsName(_)))
+        .ok_or_else(|| anyhow!("node id {id:?} is not a DNS name"))?;
+    let (pem, key) = (format!("node-{id}.pem"), format!("node-{id}.key"));
+    if !force && dir.join(&pem).is_file() && dir.join(&key).is_file() {
+        return Ok(());
+    }
+    let ca_key = std::fs::read_to_string(dir.join("ca.key"))
+        .with_context(|| format!("reading {}", dir.join("ca.key").display()))?;
+    // Same subject and key as the CA certificate: what a signature needs of its issuer.
+    let issuer = Issuer::new(ca_params(FLEET_CA_NAME)?, KeyPair::from_pem(&ca_key)?);
+    let (cert, cert_key) = leaf(
+        "livepop edge",
+        &[id],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &issuer,
+    )?;
+    write_file(dir, &pem, &cert)?;
+    write_file(dir, &key, &cert_key)
+}
+
+fn write_file(dir: &Path, name: &str, body: &str) -> Result<()> {
+    {
         let path = dir.join(name);
         // Private keys (the CA's above all) readable by the owner only, from creation on.
         let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
@@ -99,7 +161,18 @@ pub fn generate(dir: &Path, force: bool) -> Result<bool> {
         std::io::Write::write_all(&mut f, body.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(true)
+    Ok(())
+}
+
+/// True if the certificate names `node_id` as a DNS name (SAN): the relay's proof of identity.
+pub fn names_node(der: &CertificateDer<'_>, node_id: &str) -> bool {
+    let Ok(name @ rustls::pki_types::ServerName::DnsName(_)) =
+        rustls::pki_types::ServerName::try_from(node_id)
+    else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(der)
+        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
 /// Reads every certificate in a PEM file.
@@ -190,8 +263,46 @@ mod tests {
         relay_client_config(&p.join("edge.pem"), &p.join("edge.key"), &p.join("ca.pem")).unwrap();
         server_config(&p.join("server.pem"), &p.join("server.key"), &[]).unwrap();
         assert!(server_config(&p.join("server.pem"), &p.join("edge.key"), &[]).is_err());
+        // Edge certificates name their node; the public certificate is not from the fleet CA.
+        let edge = &load_certs(&p.join("edge.pem")).unwrap()[0];
+        assert!(names_node(edge, DEV_EDGE_NODE));
+        assert!(!names_node(edge, "edge-2") && !names_node(edge, "127.0.0.1"));
+        generate_edge(p, "edge-2", false).unwrap();
+        let e2 = &load_certs(&p.join("node-edge-2.pem")).unwrap()[0];
+        assert!(names_node(e2, "edge-2") && !names_node(e2, DEV_EDGE_NODE));
+        relay_client_config(
+            &p.join("node-edge-2.pem"),
+            &p.join("node-edge-2.key"),
+            &p.join("ca.pem"),
+        )
+        .unwrap();
+        assert!(generate_edge(p, "../x", false).is_err());
+        let fleet = roots(&p.join("ca.pem")).unwrap();
+        let server = &load_certs(&p.join("server.pem")).unwrap()[0];
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(fleet),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        let now = rustls::pki_types::UnixTime::now();
+        let localhost = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        assert!(verifier
+            .verify_server_cert(server, &[], &localhost, &[], now)
+            .is_err());
+        let core = &load_certs(&p.join("core.pem")).unwrap()[0];
+        assert!(verifier
+            .verify_server_cert(core, &[], &localhost, &[], now)
+            .is_ok());
         use std::os::unix::fs::PermissionsExt;
-        for k in ["ca.key", "core.key", "edge.key", "server.key"] {
+        for k in [
+            "ca.key",
+            "core.key",
+            "edge.key",
+            "server.key",
+            "node-edge-2.key",
+        ] {
             let mode = std::fs::metadata(p.join(k)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{k} is {mode:o}");
         }

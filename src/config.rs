@@ -344,6 +344,119 @@ pub struct PlaybackConfig {
     /// Serve the player page at `/` (and the stream list at `/live/streams.json`).
     #[serde(default = "default_true")]
     pub player: bool,
+    /// Which streams need a signed URL, and the keys that sign them.
+    #[serde(default)]
+    pub access: AccessConfig,
+}
+
+/// Viewer access control: `[playback.access]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Streams not listed below: "public" (default) or "signed".
+    #[serde(default)]
+    pub default: crate::edge::access::Mode,
+    /// Streams that need a signed URL: names, or prefixes ending in `*`.
+    #[serde(default)]
+    pub signed: Vec<String>,
+    /// Streams anyone may play: names, or prefixes ending in `*`.
+    #[serde(default)]
+    pub public: Vec<String>,
+    /// Signing keys, by id. Rotate by adding a key, signing new URLs with it, and removing the
+    /// old one once its URLs have expired.
+    #[serde(default)]
+    pub keys: Vec<SigningKey>,
+}
+
+/// One HMAC-SHA256 signing key.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningKey {
+    /// Key id, carried in tokens: 1 to 64 of `[A-Za-z0-9_-]`.
+    pub id: String,
+    /// The secret, hex, at least 32 bytes (`openssl rand -hex 32`).
+    pub secret: String,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl SigningKey {
+    /// The secret's bytes (validated at load).
+    pub fn secret_bytes(&self) -> Option<Vec<u8>> {
+        let h = self.secret.trim().as_bytes();
+        if h.len() % 2 != 0 {
+            return None;
+        }
+        h.chunks(2)
+            .map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
+            .collect()
+    }
+}
+
+impl AccessConfig {
+    /// The checker the proxy uses.
+    pub fn build(&self) -> crate::edge::access::Access {
+        let keys: Vec<(String, Vec<u8>)> = self
+            .keys
+            .iter()
+            .filter_map(|k| Some((k.id.clone(), k.secret_bytes()?)))
+            .collect();
+        crate::edge::access::Access::new(
+            self.default,
+            self.signed.clone(),
+            self.public.clone(),
+            &keys,
+        )
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        use crate::edge::access::{valid_key_id, Mode};
+        for (i, k) in self.keys.iter().enumerate() {
+            let field = format!("playback.access.keys[{i}]");
+            if !valid_key_id(&k.id) {
+                return Err(err(file, &field, "id must be 1 to 64 of A-Z a-z 0-9 _ -"));
+            }
+            if self.keys[..i].iter().any(|o| o.id == k.id) {
+                return Err(err(file, &field, "duplicate key id"));
+            }
+            if k.secret_bytes().is_none_or(|b| b.len() < 32) {
+                return Err(err(
+                    file,
+                    &field,
+                    "secret must be hex, at least 32 bytes (openssl rand -hex 32)",
+                ));
+            }
+        }
+        for (list, name) in [(&self.signed, "signed"), (&self.public, "public")] {
+            for p in list {
+                let stem = p.strip_suffix('*').unwrap_or(p);
+                let ok = p == "*" || valid_stream_name(stem);
+                if !ok {
+                    return Err(err(
+                        file,
+                        &format!("playback.access.{name}"),
+                        "entries are stream names, or prefixes ending in *",
+                    ));
+                }
+            }
+        }
+        let any_signed = self.default == Mode::Signed || !self.signed.is_empty();
+        if any_signed && self.keys.is_empty() {
+            return Err(err(
+                file,
+                "playback.access.keys",
+                "signed streams need at least one key",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_true() -> bool {
@@ -394,10 +507,27 @@ pub struct CoreRelayConfig {
     /// How long a stream whose edge vanished is kept for the edge to resume it (milliseconds).
     #[serde(default = "default_resume_grace")]
     pub resume_grace_ms: u64,
+    /// A stream announced by a second edge while the edge that owns it is connected: refused
+    /// (`reject`), or moved to the newcomer (`replace`). An edge replaces its own streams.
+    #[serde(default)]
+    pub on_duplicate: DuplicatePolicy,
+    /// Live streams one edge (node id) may hold at this core; each starts packagers and, with a
+    /// ladder, transcoder threads.
+    #[serde(default = "default_streams_per_edge")]
+    pub max_streams_per_edge: usize,
+    /// Relay streams (one per group and track in flight) one edge connection may hold open.
+    #[serde(default = "default_open_streams")]
+    pub max_open_streams: u32,
 }
 
 fn default_resume_grace() -> u64 {
     10_000
+}
+fn default_streams_per_edge() -> usize {
+    64
+}
+fn default_open_streams() -> u32 {
+    1024
 }
 
 /// The core's LL-HLS origin.
@@ -686,6 +816,7 @@ impl EdgeConfig {
             if p.max_connections == 0 {
                 return Err(err(file, "playback.max_connections", "must be at least 1"));
             }
+            p.access.validate(file)?;
             for (i, c) in self.relay.cores.iter().enumerate() {
                 match &c.origin {
                     Some(o) => {

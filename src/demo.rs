@@ -226,7 +226,7 @@ fn print_banner(
          \n  Player:   http://{http}/\
          \n  Playlist: http://{http}/live/{STREAM}/master.m3u8   (or https://{}/live/{STREAM}/master.m3u8)\
          \n  Metrics:  http://{}/metrics (edge), http://{}/metrics (core)\
-         \n  Certificates: {} (dev CA: ca.pem){hls}\
+         \n  Certificates: {} (HTTPS/RTMPS signed by public-ca.pem){hls}\
          \n  Stop with Ctrl-C.\n",
         a("rtmps"),
         a("https"),

@@ -39,6 +39,28 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print a signed playback URL for a stream, with a key from an edge config's
+    /// [playback.access] (see README, "Signed playback URLs").
+    SignUrl {
+        /// Edge config holding the signing keys.
+        #[arg(long)]
+        config: PathBuf,
+        /// Stream name.
+        #[arg(long)]
+        stream: String,
+        /// Key id to sign with (default: the last key listed, the newest by convention).
+        #[arg(long)]
+        key_id: Option<String>,
+        /// Seconds the URL stays valid.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Path prefix the URL opens (default: /live/STREAM/, every object of the stream).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Scheme and host viewers reach the edge at.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        base: String,
+    },
     /// Validate a config file (edge or core) and exit: 0 if valid, 1 with the problem if not.
     CheckConfig {
         /// The file to check.
@@ -51,6 +73,10 @@ enum Command {
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+        /// Also write an edge certificate for this node id (node-ID.pem/.key); repeatable.
+        /// The default edge.pem names node `edge-1`.
+        #[arg(long = "edge", value_name = "NODE_ID")]
+        edges: Vec<String>,
     },
 }
 
@@ -75,7 +101,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::DevCerts { dir, force } => {
+        Command::DevCerts { dir, force, edges } => {
             if certs::generate(&dir, force)? {
                 println!("wrote development CA and certificates to {}", dir.display());
             } else {
@@ -84,6 +110,60 @@ fn run(cli: Cli) -> Result<()> {
                     dir.display()
                 );
             }
+            for id in edges {
+                certs::generate_edge(&dir, &id, force)?;
+                println!("edge certificate for node {id}: node-{id}.pem");
+            }
+            Ok(())
+        }
+        Command::SignUrl {
+            config,
+            stream,
+            key_id,
+            ttl,
+            prefix,
+            base,
+        } => {
+            use livepop::edge::access::{sign, valid_prefix, Claims};
+            let cfg = config::EdgeConfig::load(&config)?;
+            let keys = cfg.playback.map(|p| p.access.keys).unwrap_or_default();
+            let key = match &key_id {
+                Some(id) => keys.iter().find(|k| &k.id == id),
+                None => keys.last(),
+            }
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no signing key {} in [playback.access]",
+                    config.display(),
+                    key_id.as_deref().unwrap_or("at all")
+                )
+            })?;
+            if !config::valid_stream_name(&stream) {
+                anyhow::bail!("{stream:?} is not a valid stream name");
+            }
+            let prefix = prefix.unwrap_or_else(|| format!("/live/{stream}/"));
+            if !valid_prefix(&prefix) || !format!("/live/{stream}/").starts_with(&prefix) {
+                anyhow::bail!(
+                    "prefix {prefix:?} must be a path under /live/ ending in / that contains the stream"
+                );
+            }
+            let expires = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+                .saturating_add(ttl);
+            let secret = key.secret_bytes().context("signing key")?;
+            let token = sign(
+                &Claims {
+                    key_id: key.id.clone(),
+                    expires,
+                    prefix,
+                },
+                &secret,
+            );
+            println!(
+                "{}/t/{token}/live/{stream}/master.m3u8",
+                base.trim_end_matches('/')
+            );
             Ok(())
         }
         Command::Demo(opts) => serve(|sd| livepop::demo::start(*opts, sd)),

@@ -6,7 +6,7 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -18,6 +18,8 @@ const HEADER_MS: u64 = 1000;
 const IDLE_MS: u64 = 3000;
 const WRITE_MS: u64 = 1500;
 const PUBLISH_MS: u64 = 2500;
+/// The rig core's relay.max_streams_per_edge.
+const STREAMS_PER_EDGE: u64 = 3;
 /// Slack for a deadline to be noticed on a busy 2-core machine.
 const SLACK: Duration = Duration::from_millis(2500);
 
@@ -29,10 +31,6 @@ struct Rig {
     sent: PathBuf,
     viewer: Option<Child>,
     viewer_json: PathBuf,
-}
-
-fn limits_block(header: u64, idle: u64, write: u64) -> String {
-    format!("header_timeout_ms = {header}\nidle_timeout_ms = {idle}\nwrite_timeout_ms = {write}\n")
 }
 
 /// Core (origin, recording) and edge (ingest, playback) with short deadlines; the honest
@@ -49,7 +47,12 @@ fn rig_with(secs: u32, extra_rtmp: &str, extra_relay: &str) -> Rig {
     let core_cfg = core_config(&env, "core-1", "127.0.0.1:0", true);
     let text = std::fs::read_to_string(&core_cfg)
         .unwrap()
-        .replacen("[admin]\n", &admin_limits, 1);
+        .replacen("[admin]\n", &admin_limits, 1)
+        .replacen(
+            "[relay]\n",
+            &format!("[relay]\nmax_streams_per_edge = {STREAMS_PER_EDGE}\n"),
+            1,
+        );
     let core_cfg = env.write(
         "core-attack.toml",
         &format!(
@@ -155,31 +158,7 @@ impl Rig {
     }
 }
 
-/// A connection closed by the server within `within` of `since`.
-fn closed_within(s: &mut TcpStream, since: Instant, within: Duration) -> bool {
-    let left = (since + within).saturating_duration_since(Instant::now());
-    closed_by_peer(s, left)
-}
-
 // ---- 1. AMF0 nesting ----------------------------------------------------------------------
-
-/// One deeply nested AMF0 message of `type_id` right after the handshake (no connect, no key),
-/// with the chunk size raised so it arrives as one chunk: ends that connection only.
-fn send_deep_amf0(addr: SocketAddr, type_id: u8, body: &[u8]) {
-    use livepop::ingest::chunk::write;
-    let (mut s, _) = rtmp_handshake(addr);
-    let chunk = 1u32 << 20;
-    let mut wire = write::message(2, 0, 1, 0, &chunk.to_be_bytes(), 128);
-    let mut payload = if type_id == 17 { vec![0u8] } else { vec![] };
-    payload.extend_from_slice(body);
-    wire.extend(write::message(3, 0, type_id, 0, &payload, chunk as usize));
-    let since = Instant::now();
-    let _ = s.write_all(&wire);
-    assert!(
-        closed_within(&mut s, since, Duration::from_secs(5)),
-        "type {type_id}: connection not closed"
-    );
-}
 
 #[test]
 fn deeply_nested_amf0_ends_only_that_connection() {
@@ -201,7 +180,10 @@ fn deeply_nested_amf0_ends_only_that_connection() {
             } else {
                 nest::command("@setDataFrame", &make(200_000))
             };
-            send_deep_amf0(addr, type_id, &body);
+            assert!(
+                send_deep_amf0(addr, type_id, &body),
+                "type {type_id}: connection not closed"
+            );
         }
     }
     r.warned("nested deeper than 32 levels");
@@ -225,7 +207,7 @@ fn tls_connect(
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     use rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(env.certs().join("ca.pem")).unwrap() {
+    for c in CertificateDer::pem_file_iter(env.certs().join("public-ca.pem")).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -257,21 +239,6 @@ fn tls_closed_within(
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     reads_until_closed(s, since + within)
-}
-
-/// Sends `bytes` one at a time every 150 ms until the server closes or `within` passes; true
-/// if it closed in time.
-fn drip(s: &mut impl Write, bytes: &[u8], since: Instant, within: Duration) -> bool {
-    for b in bytes.iter().cycle() {
-        if Instant::now() > since + within {
-            return false;
-        }
-        if s.write_all(&[*b]).and_then(|_| s.flush()).is_err() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(150)); // shapes the drip; synchronizes nothing
-    }
-    unreachable!()
 }
 
 #[test]
@@ -403,16 +370,7 @@ fn non_reader(addr: SocketAddr, path: &str, n: usize, counted: Option<(SocketAdd
     let before = counted.map(|(admin, sample)| metric(admin, sample));
     // A tiny receive window, so that the server's writes block instead of filling the kernel's
     // buffers (pingora does not pipeline: one request must be enough at the edge).
-    let mut s = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-            sock.set_recv_buffer_size(4096).unwrap();
-            sock.connect(addr).await.unwrap().into_std().unwrap()
-        });
-    s.set_nonblocking(false).unwrap();
+    let mut s = connect_small_window(addr);
     let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
     let all: Vec<u8> = req.as_bytes().repeat(n);
     let since = Instant::now();
@@ -596,34 +554,6 @@ fn asking_ahead_never_makes_media_unavailable() {
 
 // ---- 6. One object, one key, one core request -------------------------------------------
 
-/// `n` concurrent requests with `method` for `path` through the edge; returns their
-/// (status, head, body).
-fn burst(addr: SocketAddr, method: &str, path: &str, n: usize) -> Vec<(u16, String, Vec<u8>)> {
-    let barrier = Arc::new(std::sync::Barrier::new(n));
-    let threads: Vec<_> = (0..n)
-        .map(|i| {
-            let barrier = barrier.clone();
-            let sep = if path.contains('?') { '&' } else { '?' };
-            let req = format!(
-                "{method} {path}{sep}viewer={i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            );
-            std::thread::spawn(move || {
-                let mut s = TcpStream::connect(addr).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                barrier.wait();
-                s.write_all(req.as_bytes()).unwrap();
-                let mut resp = vec![];
-                s.read_to_end(&mut resp).unwrap();
-                let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-                let head = String::from_utf8_lossy(&resp[..split]).to_string();
-                let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-                (status, head, resp[split + 4..].to_vec())
-            })
-        })
-        .collect();
-    threads.into_iter().map(|t| t.join().unwrap()).collect()
-}
-
 /// LLHLS.md caching (appendix B.1): one request per object, whatever the method or spelling;
 /// the cache key keeps `_HLS_msn` in canonical form.
 #[test]
@@ -802,5 +732,175 @@ fn publishers_cannot_grow_memory_past_the_bounds() {
     eprintln!("core grew by {grown:.1} MB");
     assert!(grown < 48.0, "core grew by {grown:.1} MB");
     drop(p);
+    r.check_honest();
+}
+
+// ---- 8. Edges isolated at the core ----------------------------------------------------------
+
+/// An edge speaking the relay protocol itself, with a real fleet certificate: Hello as
+/// `node_id`, then `announces`; returns the core's Refuse reasons by stream id (waiting until
+/// `refusals` arrived), or why the core closed the connection.
+fn relay_client(
+    env: &Env,
+    core: SocketAddr,
+    cert: &str,
+    node_id: &str,
+    announces: Vec<livepop::relay::wire::Announce>,
+    refusals: usize,
+) -> Result<std::collections::HashMap<u64, String>, String> {
+    use livepop::relay::wire::{Control, VERSION};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = env.certs();
+        let tls = livepop::certs::relay_client_config(
+            &c.join(format!("{cert}.pem")),
+            &c.join(format!("{cert}.key")),
+            &c.join("ca.pem"),
+        )
+        .unwrap();
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let client = quinn::ClientConfig::new(Arc::new(quic));
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = ep
+            .connect_with(client, core, "localhost")
+            .unwrap()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let mut out = bytes::BytesMut::new();
+        Control::Hello {
+            version: VERSION,
+            node_id: node_id.into(),
+        }
+        .encode(&mut out);
+        for a in announces {
+            Control::Announce(a).encode(&mut out);
+        }
+        send.write_all(&out).await.map_err(|e| e.to_string())?;
+        let mut got = std::collections::HashMap::new();
+        let mut buf = bytes::BytesMut::new();
+        let mut acked = false;
+        let read = async {
+            while !acked || got.len() < refusals {
+                let mut tmp = [0u8; 1024];
+                match recv.read(&mut tmp).await {
+                    Ok(Some(n)) => buf.extend_from_slice(&tmp[..n]),
+                    Ok(None) => return Err("control stream closed".to_string()),
+                    Err(e) => return Err(e.to_string()),
+                }
+                while let Some(m) = Control::decode(&mut buf).unwrap() {
+                    match m {
+                        Some(Control::HelloAck { .. }) => acked = true,
+                        Some(Control::Refuse { stream_id, reason }) => {
+                            got.insert(stream_id, reason);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(r) => r?,
+            Err(_) => return Err(format!("timed out; refusals so far: {got:?}")),
+        }
+        conn.close(0u32.into(), b"done");
+        Ok(got)
+    })
+}
+
+fn announce(stream_id: u64, name: &str, epoch: u64) -> livepop::relay::wire::Announce {
+    livepop::relay::wire::Announce {
+        stream_id,
+        name: name.into(),
+        epoch,
+        config_version: 1,
+        start_seq: 0,
+        info: Default::default(),
+    }
+}
+
+#[test]
+fn edges_cannot_take_pin_or_flood_streams_at_the_core() {
+    let r = rig(30, "");
+    let core = r.core.addr("relay");
+    let core_admin = r.core.addr("admin");
+    let refused = |reason: &str| {
+        metric(
+            core_admin,
+            &format!("livepop_relay_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    // A fleet certificate for node edge-2 claiming to be edge-1 (the honest stream's edge).
+    let spoof = relay_client(&r.env, core, "node-edge-2", "edge-1", vec![], 0);
+    assert!(
+        spoof.is_err(),
+        "a node id the certificate does not name must be refused"
+    );
+    assert_eq!(refused("identity"), 1.0);
+
+    // Edge-2 announces the honest stream: with an epoch that would pin it, and with one just
+    // newer than the live one. Both refused; the stream stays with edge-1.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let got = relay_client(
+        &r.env,
+        core,
+        "node-edge-2",
+        "edge-2",
+        vec![announce(1, "demo", u64::MAX), announce(2, "demo", now)],
+        2,
+    )
+    .unwrap();
+    assert!(got[&1].contains("clock"), "{got:?}");
+    assert!(got[&2].contains("another edge"), "{got:?}");
+    assert_eq!((refused("epoch"), refused("duplicate")), (1.0, 1.0));
+
+    // One edge, more streams than relay.max_streams_per_edge.
+    let n = STREAMS_PER_EDGE + 2;
+    let many = (1..=n)
+        .map(|i| announce(i, &format!("flood{i}"), now))
+        .collect();
+    let got = relay_client(&r.env, core, "node-edge-2", "edge-2", many, 2).unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.values().all(|r| r.contains("max_streams_per_edge")));
+    assert_eq!(refused("streams_per_edge"), 2.0);
+
+    // A real second edge, and a publisher with the honest stream's key: the edge accepts the
+    // publish, the core refuses the stream, the edge disconnects the publisher.
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core)]);
+    opts.relay_cert = "certs/node-edge-2".into();
+    opts.node_id = "edge-2".into();
+    let cfg = edge_config(&r.env, &opts);
+    let cfg = r
+        .env
+        .write("edge-2.toml", &std::fs::read_to_string(cfg).unwrap());
+    let edge2 = Proc::start("edge-2", &["edge", "--config", cfg.to_str().unwrap()]);
+    wait_for("edge-2 /readyz", Duration::from_secs(10), || {
+        (http_get(edge2.addr("admin"), "/readyz")?.0 == 200).then_some(())
+    });
+    let mut p = RawPublisher::publish(edge2.addr("rtmp"), "demo-key");
+    let (avc, aac, key) = real_headers(&r.env);
+    let since = Instant::now();
+    p.send(
+        &[
+            media_message(9, 0, &avc),
+            media_message(8, 0, &aac),
+            media_message(9, 0, &key),
+        ]
+        .concat(),
+    );
+    assert!(
+        closed_within(&mut p.s, since, Duration::from_secs(10)),
+        "the second edge's publisher of a live stream must be disconnected"
+    );
+    assert_eq!(refused("duplicate"), 2.0);
+    let rejected = r#"livepop_ingest_rejected_total{reason="core_refused"}"#;
+    assert_eq!(metric(edge2.addr("admin"), rejected), 1.0);
+    edge2.wait_log(Duration::from_secs(5), |v| {
+        v["level"] == "WARN" && v.to_string().contains("is live from another edge")
+    });
     r.check_honest();
 }

@@ -226,7 +226,7 @@ fn https_playback_through_the_edge() {
         mut ff,
     } = rig(30, "");
     let https = edge.addr("https");
-    let ca = env.certs().join("ca.pem");
+    let ca = env.certs().join("public-ca.pem");
     let url = format!("https://{https}/live/demo/master.m3u8");
     let out = std::process::Command::new("curl")
         .args(["-s", "--http2", "--cacert"])

@@ -159,7 +159,7 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
         "--plot",
         plot.to_str().unwrap(),
     ]);
-    let ca = env.path().join("demo/dev-certs/ca.pem");
+    let ca = env.path().join("demo/dev-certs/public-ca.pem");
     let plain = loadtest(&[
         "viewers",
         "--url",

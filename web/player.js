@@ -48,14 +48,24 @@ function message(text) {
   $('message').textContent = text || '';
 }
 
-function play(name) {
+// A signed playback URL (`/t/<token>/live/<name>/master.m3u8`, from `livepop sign-url`) given as
+// `?url=`: played as is; the player resolves every other object under the same token.
+function signedUrl() {
+  const given = new URLSearchParams(location.search).get('url');
+  if (!given) return null;
+  const u = new URL(given, location.href);
+  const m = u.pathname.match(/^\/t\/[^/]+\/live\/([^/]+)\/master\.m3u8$/);
+  return m && u.origin === location.origin ? { name: decodeURIComponent(m[1]), url: u.pathname } : null;
+}
+
+function play(name, signed) {
   if (stats.stream === name) return;
   if (hls) hls.destroy();
   Object.assign(stats, { stream: name, playing: false, level: -1, levels: [], stalls: [], playingSince: null });
   stallStart = null;
-  const url = `/live/${encodeURIComponent(name)}/master.m3u8`;
+  const url = signed || `/live/${encodeURIComponent(name)}/master.m3u8`;
   $('url').textContent = url;
-  history.replaceState(null, '', `?stream=${encodeURIComponent(name)}`);
+  history.replaceState(null, '', signed ? `?url=${encodeURIComponent(signed)}` : `?stream=${encodeURIComponent(name)}`);
   markCurrent();
   if (typeof Hls === 'undefined') {
     message('hls.js is not installed on this edge: run `npm ci --prefix web` and rebuild livepop.');
@@ -106,8 +116,13 @@ function play(name) {
     note('error', { details: data.details, fatal: data.fatal });
     stats.errors.push(`${data.type}: ${data.details}${data.fatal ? ' (fatal)' : ''}`);
     if (!data.fatal) return;
+    if (data.response && data.response.code === 403) {
+      // A signed stream without a valid token: retrying cannot help.
+      message('This stream needs a valid signed URL (livepop sign-url); open it as ?url=<signed URL>.');
+      return;
+    }
     if (data.type === Hls.ErrorTypes.MEDIA_ERROR) hls.recoverMediaError();
-    else setTimeout(() => { const n = stats.stream; stats.stream = null; play(n); }, 2000);
+    else setTimeout(() => { const n = stats.stream; stats.stream = null; play(n, signed); }, 2000);
   });
   hls.loadSource(url);
   hls.attachMedia(video);
@@ -199,6 +214,8 @@ async function refreshStreams() {
   markCurrent();
   // Start on the stream named in the URL, else the first live one.
   if (!stats.stream) {
+    const signed = signedUrl();
+    if (signed) return play(signed.name, signed.url);
     const wanted = new URLSearchParams(location.search).get('stream');
     const pick = list.find((s) => s.name === wanted) || (wanted ? null : list[0]);
     if (pick) play(pick.name);

@@ -4,6 +4,7 @@
 //! streaming partial writes), `proxy` wires them into Pingora's phases, `server` accepts viewer
 //! connections (HTTP/1.1, h2c, and HTTPS with HTTP/2 by ALPN) with limits.
 
+pub mod access;
 pub mod policy;
 pub mod proxy;
 pub mod server;
@@ -51,6 +52,7 @@ pub async fn start(
         write_timeout: Duration::from_millis(cfg.write_timeout_ms),
         idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
         player: cfg.player,
+        access: cfg.access.build(),
     };
     let conf = Arc::new(ServerConf {
         // Kept-alive connections to the origins, enough for many streams' blocking requests.

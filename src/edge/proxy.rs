@@ -73,6 +73,8 @@ pub struct ProxySettings {
     pub idle_timeout: Duration,
     /// Serve the player page at `/`.
     pub player: bool,
+    /// Which streams need a signed URL.
+    pub access: super::access::Access,
 }
 
 /// The edge's caching proxy.
@@ -231,7 +233,10 @@ impl ProxyHttp for EdgeProxy {
             return Ok(true);
         }
         let req = session.req_header();
-        let path = req.uri.path().to_string();
+        // A signed URL's token leads the path: split it off before anything else looks at
+        // the path, so it is part of neither the cache key nor the origin request.
+        let (token, path) = super::access::split_path(req.uri.path());
+        let (token, path) = (token.map(str::to_string), path.to_string());
         let query = req.uri.query().map(str::to_string);
         if path == "/live/streams.json" {
             self.count_local();
@@ -248,6 +253,23 @@ impl ProxyHttp for EdgeProxy {
         }
         match policy::classify(&path, query.as_deref()) {
             Ok(p) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if let Err(e) = self
+                    .settings
+                    .access
+                    .check(&p.stream, &path, token.as_deref(), now)
+                {
+                    self.metrics
+                        .edge_refused
+                        .with_label_values(&[e.label()])
+                        .inc();
+                    let body = Bytes::from(format!("{e}\n"));
+                    // Not cacheable anywhere: the same URL with a good token is served.
+                    send(session, 403, "text/plain", "no-store", body).await?;
+                    return Ok(true);
+                }
                 ctx.playback = Some(p);
                 Ok(false)
             }

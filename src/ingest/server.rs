@@ -12,7 +12,7 @@ use super::session::{IngestSession, SessionError, SessionEvent};
 use crate::config::RtmpConfig;
 use crate::limits::{ConnLimiter, Deadlines};
 use crate::media::TrackKind;
-use crate::relay::publication::{Publication, Publications, Pushed};
+use crate::relay::publication::{Kick, Publication, Publications, Pushed};
 use crate::shutdown::Shutdown;
 use crate::telemetry::EdgeMetrics;
 use bytes::BytesMut;
@@ -84,6 +84,8 @@ enum End {
     Io(#[from] std::io::Error),
     #[error("replaced by a new publisher of the same stream")]
     Replaced,
+    #[error("the core refused the stream: {0}")]
+    CoreRefused(String),
     #[error("publish refused")]
     Refused,
     #[error(
@@ -101,6 +103,7 @@ impl End {
         match self {
             End::PublishTimeout(_) => Some("publish_timeout"),
             End::GroupTooLarge { .. } => Some("group_too_large"),
+            End::CoreRefused(_) => Some("core_refused"),
             _ => None,
         }
     }
@@ -113,7 +116,8 @@ impl End {
             | End::Shutdown
             | End::Refused
             | End::PublishTimeout(_)
-            | End::GroupTooLarge { .. } => None,
+            | End::GroupTooLarge { .. }
+            | End::CoreRefused(_) => None,
             End::Stalled(_) => Some("stall"),
             End::Handshake(_) | End::HandshakeTimeout(_) => Some("handshake"),
             End::Session(SessionError::Chunk(_)) => Some("chunk"),
@@ -273,7 +277,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         s.write_all(&b).await?;
     }
     let mut publishing: Option<Publishing> = None;
-    let mut kicked: Option<tokio::sync::watch::Receiver<bool>> = None;
+    let mut kicked: Option<tokio::sync::watch::Receiver<Option<Kick>>> = None;
     let stall = Duration::from_millis(ctx.cfg.stall_timeout_ms);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     buf.extend_from_slice(&leftover);
@@ -313,9 +317,17 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         let kick = async {
             match kicked.as_mut() {
                 Some(k) => {
-                    let _ = k.wait_for(|v| *v).await;
+                    let why = k
+                        .wait_for(|v| v.is_some())
+                        .await
+                        .ok()
+                        .and_then(|v| v.clone());
+                    match why {
+                        Some(why) => why,
+                        None => std::future::pending().await,
+                    }
                 }
-                None => std::future::pending::<()>().await,
+                None => std::future::pending().await,
             }
         };
         tokio::select! {
@@ -325,7 +337,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(End::Io(e)),
             },
-            _ = kick => return Err(End::Replaced),
+            k = kick => return Err(match k {
+                Kick::Replaced => End::Replaced,
+                Kick::Refused(reason) => End::CoreRefused(reason),
+            }),
             _ = publish_due => return Err(End::PublishTimeout(ctx.cfg.publish_timeout_ms)),
             _ = shutdown.wait() => return Err(End::Shutdown),
         }
@@ -338,7 +353,7 @@ async fn handle_events<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut IngestSession,
     events: Vec<SessionEvent>,
     publishing: &mut Option<Publishing>,
-    kicked: &mut Option<tokio::sync::watch::Receiver<bool>>,
+    kicked: &mut Option<tokio::sync::watch::Receiver<Option<Kick>>>,
 ) -> Result<(), End> {
     let mut queue: std::collections::VecDeque<SessionEvent> = events.into();
     while let Some(ev) = queue.pop_front() {

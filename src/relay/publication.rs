@@ -21,6 +21,15 @@ pub const MAX_GROUPS: usize = 64;
 /// Audio with no video (yet) is cut into groups of this many milliseconds.
 const AUDIO_ONLY_GROUP_MS: i64 = 2000;
 
+/// Why a live publisher is disconnected from outside its connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kick {
+    /// Another publisher took the stream over (duplicate policy "replace").
+    Replaced,
+    /// The core refused the stream (another edge owns it, too many streams...).
+    Refused(String),
+}
+
 /// What became of a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -120,7 +129,7 @@ pub struct Publication {
     pub epoch: u64,
     state: Mutex<State>,
     version: watch::Sender<u64>,
-    kicked: watch::Sender<bool>,
+    kicked: watch::Sender<Option<Kick>>,
     max_bytes: usize,
 }
 
@@ -144,7 +153,7 @@ impl Publication {
                 ..State::default()
             }),
             version: watch::channel(0).0,
-            kicked: watch::channel(false).0,
+            kicked: watch::channel(None).0,
             max_bytes,
         }
     }
@@ -165,7 +174,7 @@ impl Publication {
     }
 
     /// Wakes when another publisher replaced this one.
-    pub fn kicked(&self) -> watch::Receiver<bool> {
+    pub fn kicked(&self) -> watch::Receiver<Option<Kick>> {
         self.kicked.subscribe()
     }
 
@@ -347,7 +356,22 @@ impl Publication {
 
     /// Another publisher took the stream over (duplicate policy "replace").
     pub fn kick(&self) {
-        let _ = self.kicked.send(true);
+        self.stop(Kick::Replaced);
+    }
+
+    /// The core refused the stream: the publisher is disconnected with `reason`.
+    pub fn refuse(&self, reason: String) {
+        self.stop(Kick::Refused(reason));
+    }
+
+    fn stop(&self, why: Kick) {
+        self.kicked.send_if_modified(|k| {
+            let first = k.is_none();
+            if first {
+                *k = Some(why);
+            }
+            first
+        });
         self.end();
     }
 
@@ -607,7 +631,7 @@ mod tests {
         let a = r.claim("x").unwrap();
         let kicked = a.kicked();
         let b = r.claim("x").unwrap();
-        assert!(*kicked.borrow());
+        assert_eq!(*kicked.borrow(), Some(Kick::Replaced));
         assert!(a.snapshot().ended);
         assert!(b.epoch > a.epoch);
         r.release(&a); // the old one's release must not remove the new one

@@ -1,14 +1,20 @@
-//! The core side of the relay: accepts edges (mutual TLS against the fleet CA), reads their
-//! control and group streams, drops frames already received (an edge resends from the last
+//! The core side of the relay: accepts edges (mutual TLS against the fleet CA, the Hello's
+//! node id checked against the certificate), reads their control and group streams, drops frames already received (an edge resends from the last
 //! keyframe after a reconnect) and publishes each stream's frames to the core's consumers.
 //!
 //! Ordering policy per track: frames are delivered in (group, index) order. Within a group they
 //! must be contiguous; a frame of a group older than the newest one delivered is late and is
 //! dropped (counted), so a stalled old group never holds back a newer one.
+//!
+//! Isolation between edges: a stream belongs to the edge (node id) that announced it. Another
+//! edge's announce of a live stream follows `relay.on_duplicate` while the owner is connected;
+//! an edge replaces its own streams with a newer epoch. Epochs from the future (past a clock
+//! skew allowance) are refused, so no epoch pins a stream; `relay.max_streams_per_edge` bounds
+//! what one edge can make the core run.
 
 use super::order::{TrackOrder, Verdict};
 use super::wire::{self, Control, GroupDecoder, GroupItem};
-use crate::config::CoreRelayConfig;
+use crate::config::{CoreRelayConfig, DuplicatePolicy};
 use crate::media::{Frame, StreamInfo, TrackKind};
 use crate::shutdown::Shutdown;
 use crate::telemetry::CoreMetrics;
@@ -18,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tracing::{info, warn, Instrument};
 
 /// What consumers of a stream receive.
@@ -52,6 +58,8 @@ pub struct LiveStream {
     pub name: String,
     /// Publishing session id from the edge.
     pub epoch: u64,
+    /// Node id of the edge that announced it (from its certificate).
+    pub owner: String,
     state: Mutex<LiveState>,
     tx: broadcast::Sender<StreamEvent>,
     groups_done: Notify,
@@ -61,6 +69,30 @@ pub struct LiveStream {
 
 /// How long frames of a newer group wait for an older group's stream to finish.
 const REORDER_WAIT_US: u64 = 500_000;
+/// Epochs are microseconds since the Unix epoch at publish time: one further ahead of this
+/// core's clock than this is refused.
+const MAX_EPOCH_AHEAD_US: u64 = 600_000_000;
+
+/// Who may announce what, at this core.
+#[derive(Debug, Clone, Copy)]
+pub struct AnnouncePolicy {
+    /// A second edge announcing a stream whose owner is connected.
+    pub on_duplicate: DuplicatePolicy,
+    /// Live streams per edge node id.
+    pub max_streams_per_edge: usize,
+}
+
+impl Default for AnnouncePolicy {
+    fn default() -> Self {
+        AnnouncePolicy {
+            on_duplicate: DuplicatePolicy::Reject,
+            max_streams_per_edge: usize::MAX,
+        }
+    }
+}
+
+/// Why an announce was refused: (metric label, message for the edge).
+type Refusal = (&'static str, String);
 
 fn track_index(t: TrackKind) -> usize {
     match t {
@@ -224,17 +256,50 @@ impl StreamTable {
             .collect()
     }
 
-    fn attach(&self, name: &str, epoch: u64, conn: u64) -> Option<Arc<LiveStream>> {
+    fn attach(
+        &self,
+        name: &str,
+        epoch: u64,
+        conn: u64,
+        edge: &str,
+        policy: AnnouncePolicy,
+    ) -> Result<Arc<LiveStream>, Refusal> {
+        if epoch > crate::media::now_unix_us().saturating_add(MAX_EPOCH_AHEAD_US) {
+            return Err(("epoch", "epoch ahead of the core's clock".into()));
+        }
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(cur) = m.get(name) {
-            if cur.epoch == epoch {
+            if cur.owner == edge && cur.epoch == epoch {
                 cur.lock().attached = conn;
-                return Some(cur.clone());
+                return Ok(cur.clone());
             }
-            if cur.epoch > epoch {
-                // A stale edge announcing an older publishing session: refuse.
-                return None;
+            if cur.owner == edge && cur.epoch > epoch {
+                // A stale announce of an older publishing session.
+                return Err(("stale", "a newer publishing session is live".into()));
             }
+            let owner_connected = cur.lock().attached != 0;
+            if cur.owner != edge
+                && owner_connected
+                && policy.on_duplicate == DuplicatePolicy::Reject
+            {
+                return Err((
+                    "duplicate",
+                    format!("stream {name} is live from another edge"),
+                ));
+            }
+        }
+        let held = m
+            .values()
+            .filter(|s| s.owner == edge && s.name != name)
+            .count();
+        if held >= policy.max_streams_per_edge {
+            return Err((
+                "streams_per_edge",
+                format!("this edge already holds {held} streams (relay.max_streams_per_edge)"),
+            ));
+        }
+        if let Some(cur) = m.get(name) {
+            info!(stream = %name, from = %cur.owner, to = %edge, "stream taken over");
             let old = cur.clone();
             m.remove(name);
             drop(m);
@@ -245,6 +310,7 @@ impl StreamTable {
         let s = Arc::new(LiveStream {
             name: name.to_string(),
             epoch,
+            owner: edge.to_string(),
             state: Mutex::new(LiveState {
                 attached: conn,
                 ..LiveState::default()
@@ -259,7 +325,7 @@ impl StreamTable {
         for h in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             h(&s, s.subscribe());
         }
-        Some(s)
+        Ok(s)
     }
 
     /// Ends a stream: consumers get End, the name is free.
@@ -283,6 +349,10 @@ impl StreamTable {
 /// Per-connection bookkeeping.
 struct ConnCtx {
     id: u64,
+    /// The edge's node id, as its certificate names it.
+    edge: String,
+    /// Messages to the edge on the control stream.
+    control: mpsc::Sender<Control>,
     streams: Mutex<HashMap<u64, Arc<LiveStream>>>,
     announced: Notify,
     pending_headers: AtomicUsize,
@@ -296,6 +366,7 @@ pub struct CoreRelay {
     metrics: CoreMetrics,
     resume_grace: Duration,
     next_conn: AtomicU64,
+    policy: AnnouncePolicy,
 }
 
 impl CoreRelay {
@@ -309,10 +380,10 @@ impl CoreRelay {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| anyhow!("relay TLS config unusable for QUIC: {e}"))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        server.transport_config(Arc::new(super::sender::transport(
-            None,
-            Duration::from_millis(cfg.idle_timeout_ms),
-        )?));
+        let mut transport =
+            super::sender::transport(None, Duration::from_millis(cfg.idle_timeout_ms))?;
+        transport.max_concurrent_uni_streams(cfg.max_open_streams.into());
+        server.transport_config(Arc::new(transport));
         let addr = cfg.listen.parse().context("relay.listen")?;
         let endpoint = quinn::Endpoint::server(server, addr)
             .with_context(|| format!("binding the relay endpoint on udp {addr}"))?;
@@ -322,6 +393,10 @@ impl CoreRelay {
             metrics,
             resume_grace: Duration::from_millis(cfg.resume_grace_ms),
             next_conn: AtomicU64::new(1),
+            policy: AnnouncePolicy {
+                on_duplicate: cfg.on_duplicate,
+                max_streams_per_edge: cfg.max_streams_per_edge,
+            },
         })
     }
 
@@ -380,6 +455,29 @@ impl CoreRelay {
                 return Err(anyhow!("bad first control message: {other:?}"));
             }
         };
+        // The node id is what streams are owned by: it must be one the certificate names.
+        let named = conn
+            .peer_identity()
+            .and_then(|i| {
+                i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .is_some_and(|certs| {
+                certs
+                    .first()
+                    .is_some_and(|c| crate::certs::names_node(c, &edge))
+            });
+        if !named {
+            self.metrics
+                .relay_refused
+                .with_label_values(&["identity"])
+                .inc();
+            conn.close(2u32.into(), b"node id not named by the certificate");
+            return Err(anyhow!(
+                "edge {:?} refused: its certificate does not name that node id",
+                edge.escape_debug().to_string()
+            ));
+        }
         info!(%edge, "edge connected");
         let mut out = BytesMut::new();
         Control::HelloAck {
@@ -388,9 +486,23 @@ impl CoreRelay {
         }
         .encode(&mut out);
         ctl_send.write_all(&out).await?;
+        // One writer owns the control stream; refusals are queued to it (bounded: an edge that
+        // does not read its control stream loses refusals, never the core's memory).
+        let (control, mut control_rx) = mpsc::channel::<Control>(64);
+        tokio::spawn(async move {
+            while let Some(m) = control_rx.recv().await {
+                let mut out = BytesMut::new();
+                m.encode(&mut out);
+                if ctl_send.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        });
 
         let ctx = Arc::new(ConnCtx {
             id,
+            edge: edge.clone(),
+            control,
             streams: Mutex::new(HashMap::new()),
             announced: Notify::new(),
             pending_headers: AtomicUsize::new(0),
@@ -462,8 +574,11 @@ impl CoreRelay {
                     warn!(name = %a.name.escape_debug(), "announce with an invalid stream name ignored");
                     return;
                 }
-                match self.table.attach(&a.name, a.epoch, ctx.id) {
-                    Some(s) => {
+                match self
+                    .table
+                    .attach(&a.name, a.epoch, ctx.id, &ctx.edge, self.policy)
+                {
+                    Ok(s) => {
                         s.add_info(a.config_version, a.info);
                         let fresh = ctx
                             .streams
@@ -477,8 +592,13 @@ impl CoreRelay {
                         }
                         ctx.announced.notify_waiters();
                     }
-                    None => {
-                        warn!(stream = %a.name, "announce of an older publishing session ignored")
+                    Err((label, reason)) => {
+                        self.metrics.relay_refused.with_label_values(&[label]).inc();
+                        warn!(stream = %a.name, edge = %ctx.edge, %reason, "announce refused");
+                        let _ = ctx.control.try_send(Control::Refuse {
+                            stream_id: a.stream_id,
+                            reason,
+                        });
                     }
                 }
             }
@@ -512,7 +632,7 @@ impl CoreRelay {
                     });
                 }
             }
-            Control::Hello { .. } | Control::HelloAck { .. } => {}
+            Control::Hello { .. } | Control::HelloAck { .. } | Control::Refuse { .. } => {}
         }
     }
 
@@ -689,7 +809,9 @@ mod tests {
     #[test]
     fn dedup_after_resume_and_held_groups() {
         let table = StreamTable::new(CoreMetrics::new());
-        let s = table.attach("s", 1, 1).unwrap();
+        let s = table
+            .attach("s", 1, 1, "e", AnnouncePolicy::default())
+            .unwrap();
         let mut rx = s.subscribe();
         s.restart(0);
         let v = TrackKind::Video;
@@ -718,13 +840,53 @@ mod tests {
     #[test]
     fn newer_epoch_replaces_older_is_refused() {
         let table = StreamTable::new(CoreMetrics::new());
-        let a = table.attach("s", 10, 1).unwrap();
+        let p = AnnouncePolicy::default();
+        let a = table.attach("s", 10, 1, "e", p).unwrap();
         let mut rx = a.subscribe();
-        let b = table.attach("s", 11, 2).unwrap();
+        let b = table.attach("s", 11, 2, "e", p).unwrap();
         assert!(matches!(rx.try_recv(), Ok(StreamEvent::End)));
-        assert!(table.attach("s", 9, 3).is_none());
+        assert_eq!(table.attach("s", 9, 3, "e", p).err().unwrap().0, "stale");
         assert!(Arc::ptr_eq(&table.get("s").unwrap(), &b));
-        let same = table.attach("s", 11, 4).unwrap();
+        let same = table.attach("s", 11, 4, "e", p).unwrap();
         assert!(Arc::ptr_eq(&same, &b));
+    }
+
+    #[test]
+    fn edges_cannot_take_or_pin_each_others_streams() {
+        let table = StreamTable::new(CoreMetrics::new());
+        let reject = AnnouncePolicy {
+            max_streams_per_edge: 2,
+            ..AnnouncePolicy::default()
+        };
+        let now = crate::media::now_unix_us();
+        let a = table.attach("s", now, 1, "edge-a", reject).unwrap();
+        // Another edge, whatever its epoch, while the owner is connected.
+        for epoch in [now - 1, now, now + 1] {
+            let e = table.attach("s", epoch, 2, "edge-b", reject).err().unwrap();
+            assert_eq!(e.0, "duplicate");
+        }
+        // No epoch from the future, so none can pin a stream.
+        let e = table
+            .attach("t", u64::MAX, 2, "edge-b", reject)
+            .err()
+            .unwrap();
+        assert_eq!(e.0, "epoch");
+        assert!(Arc::ptr_eq(&table.get("s").unwrap(), &a));
+        // "replace" lets the second edge take it.
+        let replace = AnnouncePolicy {
+            on_duplicate: DuplicatePolicy::Replace,
+            ..reject
+        };
+        let b = table.attach("s", now, 2, "edge-b", replace).unwrap();
+        assert_eq!(b.owner, "edge-b");
+        // The owner gone (resume grace), another edge may take over even under "reject".
+        b.lock().attached = 0;
+        let c = table.attach("s", now, 3, "edge-c", reject).unwrap();
+        assert_eq!(c.owner, "edge-c");
+        // Streams per edge.
+        table.attach("u", now, 3, "edge-c", reject).unwrap();
+        let e = table.attach("v", now, 3, "edge-c", reject).err().unwrap();
+        assert_eq!(e.0, "streams_per_edge");
+        table.attach("v", now, 1, "edge-a", reject).unwrap();
     }
 }

@@ -31,6 +31,8 @@ struct LinkConn {
     control: Arc<Mutex<quinn::SendStream>>,
     next_stream_id: Arc<AtomicU64>,
     generation: u64,
+    /// Publications being sent on this connection, by stream id (for the core's Refuse).
+    sending: Arc<std::sync::Mutex<HashMap<u64, Arc<Publication>>>>,
 }
 
 struct CoreLink {
@@ -177,18 +179,37 @@ impl EdgeRelay {
                     info!(addr = %link.addr, "connected to core");
                     delay = min;
                     up.set(1);
+                    let sending = Arc::new(std::sync::Mutex::new(HashMap::new()));
                     link.state.send_replace(Some(LinkConn {
                         conn: conn.clone(),
                         control: Arc::new(Mutex::new(control)),
                         next_stream_id: Arc::new(AtomicU64::new(1)),
                         generation,
+                        sending: sending.clone(),
                     }));
                     self.bump_topology();
-                    // Drain what the core sends on the control stream (nothing we act on yet)
-                    // so that its flow control never blocks it.
+                    // Read what the core sends on the control stream: a refused stream ends
+                    // its publication (the publisher is told why).
                     let drain = async move {
-                        let mut buf = [0u8; 1024];
-                        while let Ok(Some(_)) = control_recv.read(&mut buf).await {}
+                        let mut buf = BytesMut::new();
+                        let mut tmp = [0u8; 1024];
+                        while let Ok(Some(n)) = control_recv.read(&mut tmp).await {
+                            buf.extend_from_slice(&tmp[..n]);
+                            while let Ok(Some(m)) = Control::decode(&mut buf) {
+                                let Some(Control::Refuse { stream_id, reason }) = m else {
+                                    continue;
+                                };
+                                let p = sending
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get(&stream_id)
+                                    .cloned();
+                                if let Some(p) = p {
+                                    warn!(stream = %p.name, %reason, "core refused the stream");
+                                    p.refuse(reason);
+                                }
+                            }
+                        }
                         std::future::pending::<()>().await
                     };
                     let reason = tokio::select! {
@@ -339,6 +360,31 @@ impl EdgeRelay {
     /// Relays one publication over one connection until it ends or the connection fails.
     async fn send_publication(&self, lc: LinkConn, p: Arc<Publication>) -> Result<()> {
         let stream_id = lc.next_stream_id.fetch_add(1, Ordering::Relaxed);
+        // Registered while this sender runs, aborted (moved to another core) or not.
+        struct Registered<'a>(&'a LinkConn, u64);
+        impl Drop for Registered<'_> {
+            fn drop(&mut self) {
+                self.0
+                    .sending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&self.1);
+            }
+        }
+        lc.sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(stream_id, p.clone());
+        let _registered = Registered(&lc, stream_id);
+        self.relay_publication(&lc, &p, stream_id).await
+    }
+
+    async fn relay_publication(
+        &self,
+        lc: &LinkConn,
+        p: &Arc<Publication>,
+        stream_id: u64,
+    ) -> Result<()> {
         let mut rx = p.subscribe();
         let mut announced = 0;
         let start_seq = p.start_seq();
@@ -348,7 +394,7 @@ impl EdgeRelay {
             let snap = p.snapshot();
             if snap.info_version != announced {
                 self.control_send(
-                    &lc,
+                    lc,
                     Control::Announce(Announce {
                         stream_id,
                         name: p.name.clone(),
@@ -391,7 +437,7 @@ impl EdgeRelay {
                 while let Some(r) = writers.join_next().await {
                     r.map_err(|e| anyhow!("group writer panicked: {e}"))??;
                 }
-                self.control_send(&lc, Control::End { stream_id }).await?;
+                self.control_send(lc, Control::End { stream_id }).await?;
                 info!("stream ended; relay finished");
                 return Ok(());
             }

@@ -145,6 +145,14 @@ pub enum Control {
         /// Connection-local stream id.
         stream_id: u64,
     },
+    /// Core → edge: the announced stream is refused (owned by another edge, too many streams,
+    /// a bad epoch); the edge ends the publication and tells the publisher.
+    Refuse {
+        /// Connection-local stream id (from Announce).
+        stream_id: u64,
+        /// Why, for the edge's log.
+        reason: String,
+    },
 }
 
 /// A stream announcement.
@@ -168,6 +176,7 @@ const T_HELLO: u64 = 1;
 const T_HELLO_ACK: u64 = 2;
 const T_ANNOUNCE: u64 = 3;
 const T_END: u64 = 4;
+const T_REFUSE: u64 = 5;
 
 fn video_codec_id(c: VideoCodec) -> u8 {
     match c {
@@ -242,6 +251,11 @@ impl Control {
             Control::End { stream_id } => {
                 put_varint(&mut body, *stream_id);
                 T_END
+            }
+            Control::Refuse { stream_id, reason } => {
+                put_varint(&mut body, *stream_id);
+                put_bytes(&mut body, reason.as_bytes());
+                T_REFUSE
             }
         };
         put_varint(out, t);
@@ -343,6 +357,10 @@ impl Control {
                     },
                 }))
             }
+            T_REFUSE => Some(Control::Refuse {
+                stream_id: r.varint()?,
+                reason: r.string("reason")?,
+            }),
             T_END => Some(Control::End {
                 stream_id: r.varint()?,
             }),
@@ -584,6 +602,10 @@ mod tests {
         let msgs = vec![
             sample_announce(),
             Control::End { stream_id: 7 },
+            Control::Refuse {
+                stream_id: 7,
+                reason: "published from another edge".into(),
+            },
             Control::HelloAck {
                 version: 1,
                 node_id: "core-1".into(),

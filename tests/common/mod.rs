@@ -92,6 +92,8 @@ impl Env {
         let ok = Command::new(BIN)
             .args(["dev-certs"])
             .arg(dir.path().join("certs"))
+            // A second edge identity (node-edge-2.pem), for tests with two edges.
+            .args(["--edge", "edge-2"])
             .stdout(Stdio::null())
             .status()
             .unwrap();
@@ -336,6 +338,8 @@ pub struct EdgeOpts {
     pub extra_playback: String,
     pub stall_ms: u64,
     pub relay_cert: String,
+    /// Must be a name `relay_cert` carries (edge.pem: edge-1, node-edge-2.pem: edge-2).
+    pub node_id: String,
     pub extra_rtmp: String,
     pub extra_auth: String,
 }
@@ -348,6 +352,7 @@ impl EdgeOpts {
             extra_playback: String::new(),
             stall_ms: 10_000,
             relay_cert: "certs/edge".into(),
+            node_id: "edge-1".into(),
             extra_rtmp: String::new(),
             extra_auth: String::new(),
         }
@@ -379,7 +384,7 @@ pub fn edge_config(env: &Env, o: &EdgeOpts) -> PathBuf {
     env.write(
         "edge.toml",
         &format!(
-            r#"node_id = "edge-test"
+            r#"node_id = "{node}"
 [admin]
 listen = "127.0.0.1:0"
 [rtmp]
@@ -407,6 +412,7 @@ ca = "certs/ca.pem"
             extra = o.extra_rtmp,
             rc = o.relay_cert,
             auth = o.extra_auth,
+            node = o.node_id,
         ),
     )
 }
@@ -448,7 +454,9 @@ pub fn start_edge(env: &Env, o: &EdgeOpts) -> Proc {
     let p = Proc::start("edge", &["edge", "--config", cfg.to_str().unwrap()]);
     // Ready once a core link is up.
     let admin = p.addr("admin");
-    if !o.cores.is_empty() && o.relay_cert == "certs/edge" {
+    if !o.cores.is_empty()
+        && (o.relay_cert == "certs/edge" || o.relay_cert.starts_with("certs/node-"))
+    {
         wait_for("edge /readyz", Duration::from_secs(10), || {
             (http_get(admin, "/readyz")?.0 == 200).then_some(())
         });
