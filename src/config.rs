@@ -233,8 +233,11 @@ pub struct StreamKeyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
-    /// http:// URL of the hook.
+    /// https:// (or, on a trusted network, http://) URL of the hook. The request carries the
+    /// stream key: use https across any network you do not own.
     pub url: String,
+    /// PEM CA certificate(s) the https hook's certificate must chain to; default: the system's.
+    pub ca: Option<PathBuf>,
     /// How long to wait for its answer (milliseconds); no answer means deny.
     #[serde(default = "default_webhook_timeout")]
     pub timeout_ms: u64,
@@ -871,9 +874,23 @@ impl EdgeConfig {
                 ));
             }
         }
-        if let Some(w) = &self.auth.webhook {
-            if !w.url.starts_with("http://") {
-                return Err(err(file, "auth.webhook.url", "must be an http:// URL"));
+        if let Some(w) = &mut self.auth.webhook {
+            let https = w.url.starts_with("https://");
+            if !https && !w.url.starts_with("http://") {
+                return Err(err(
+                    file,
+                    "auth.webhook.url",
+                    "must be an https:// (or http://) URL",
+                ));
+            }
+            if w.url.parse::<hyper::Uri>().is_err() {
+                return Err(err(file, "auth.webhook.url", "not a valid URL"));
+            }
+            if let Some(ca) = &mut w.ca {
+                if !https {
+                    return Err(err(file, "auth.webhook.ca", "only for an https:// URL"));
+                }
+                check_file(file, "auth.webhook.ca", &base, ca)?;
             }
         }
         let r = &mut self.relay;

@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn publish_and_compare(scheme: &str) {
@@ -268,8 +269,11 @@ fn second_publisher_is_rejected_while_the_first_continues() {
     );
 }
 
-/// A real HTTP server on port 0 answering the auth webhook: "good-key" → stream "hooked".
-fn webhook_server() -> (
+/// A real HTTP(S) server on port 0 answering the auth webhook: "good-key" → stream "hooked";
+/// with `tls`, HTTPS with the development server certificate.
+fn webhook_server(
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
@@ -280,9 +284,17 @@ fn webhook_server() -> (
     let c2 = calls.clone();
     std::thread::spawn(move || {
         for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
+            let Ok(s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut s: Box<dyn ReadWrite> = match &tls {
+                Some(cfg) => Box::new(rustls::StreamOwned::new(
+                    rustls::ServerConnection::new(cfg.clone()).unwrap(),
+                    s,
+                )),
+                None => Box::new(s),
+            };
             c2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut r = BufReader::new(&mut s);
             let mut len = 0usize;
             loop {
                 let mut line = String::new();
@@ -295,6 +307,7 @@ fn webhook_server() -> (
             }
             let mut body = vec![0u8; len];
             let _ = r.read_exact(&mut body);
+            drop(r);
             let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let resp = if req["key"] == "good-key" && req["app"] == "live" {
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 17\r\nconnection: close\r\n\r\n{\"name\":\"hooked\"}"
@@ -304,19 +317,45 @@ fn webhook_server() -> (
                     .to_string()
             };
             let _ = s.write_all(resp.as_bytes());
+            let _ = s.flush();
         }
     });
     (addr, calls)
 }
 
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
 #[test]
 fn webhook_allows_with_a_name_and_denies() {
+    webhook_case(false);
+}
+
+#[test]
+fn https_webhook_allows_with_a_name_and_denies() {
+    webhook_case(true);
+}
+
+fn webhook_case(https: bool) {
     let env = Env::new();
-    let (hook, calls) = webhook_server();
+    let tls = https.then(|| {
+        let c = env.certs();
+        Arc::new(
+            livepop::certs::server_config(&c.join("server.pem"), &c.join("server.key"), &[])
+                .unwrap(),
+        )
+    });
+    let (hook, calls) = webhook_server(tls);
     let core = start_core(&env, "core-1", "127.0.0.1:0");
     let core_admin = core.addr("admin");
     let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
-    opts.extra_auth = format!("[auth.webhook]\nurl = \"http://{hook}/auth\"\ntimeout_ms = 2000\n");
+    opts.extra_auth = if https {
+        // The hook's certificate is checked: by name (localhost) and against the CA named.
+        let port = hook.port();
+        format!("[auth.webhook]\nurl = \"https://localhost:{port}/auth\"\nca = \"certs/public-ca.pem\"\ntimeout_ms = 2000\n")
+    } else {
+        format!("[auth.webhook]\nurl = \"http://{hook}/auth\"\ntimeout_ms = 2000\n")
+    };
     let edge = start_edge(&env, &opts);
     let rtmp = edge.addr("rtmp");
     let mut ok = ffmpeg_publish(&format!("rtmp://{rtmp}/live/good-key"), 3, "320x240", None);

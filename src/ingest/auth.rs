@@ -1,6 +1,7 @@
-//! Stream-key authentication: a static key → name table, then an optional HTTP webhook.
+//! Stream-key authentication: a static key → name table, then an optional HTTP(S) webhook.
 //!
-//! Keys are secrets: they never reach a log line, a metric label or an error message.
+//! Keys are secrets: they never reach a log line, a metric label or an error message. The
+//! webhook's answer is read up to `MAX_ANSWER` bytes, within its timeout.
 
 use crate::config::AuthConfig;
 use bytes::Bytes;
@@ -22,14 +23,41 @@ pub enum AuthError {
     Webhook(String),
 }
 
+/// The longest webhook answer read.
+const MAX_ANSWER: usize = 64 * 1024;
+
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
 /// Decides who may publish, and as which stream.
 pub struct Authenticator {
     table: HashMap<String, String>,
     webhook: Option<(hyper::Uri, Duration)>,
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Full<Bytes>,
-    >,
+    client: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
+}
+
+/// The webhook client's TLS: the configured CA, or the system's.
+fn webhook_tls(ca: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(ca) => {
+            for c in crate::certs::load_certs(ca)? {
+                roots.add(c)?;
+            }
+        }
+        None => {
+            // Unreadable system certificates leave an https hook unverifiable: it then fails
+            // (denying publishers) rather than trusting anything.
+            for c in rustls_native_certs::load_native_certs().unwrap_or_default() {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(crate::certs::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 impl Authenticator {
@@ -39,6 +67,12 @@ impl Authenticator {
             Some(w) => Some((w.url.parse()?, Duration::from_millis(w.timeout_ms))),
             None => None,
         };
+        let tls = webhook_tls(cfg.webhook.as_ref().and_then(|w| w.ca.as_deref()))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
         Ok(Authenticator {
             table: cfg
                 .streams
@@ -49,7 +83,7 @@ impl Authenticator {
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
-            .build_http(),
+            .build(connector),
         })
     }
 
@@ -73,8 +107,7 @@ impl Authenticator {
                 .await
                 .map_err(|e| AuthError::Webhook(e.to_string()))?;
             let status = resp.status();
-            let body = resp
-                .into_body()
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
                 .collect()
                 .await
                 .map_err(|e| AuthError::Webhook(e.to_string()))?
