@@ -4,7 +4,9 @@
 //! production path, not a shortcut.
 //!
 //! `--source testsrc` also publishes a test pattern with a burnt-in wall clock and a tone
-//! through the normal RTMP ingest, with the ffmpeg CLI, restarted if it exits.
+//! through the normal RTMP ingest: the ffmpeg CLI encodes FLV to a pipe and this process
+//! publishes it over RTMP (the stream key stays out of the child's command line, which any
+//! local user can read), restarted if it exits.
 
 use crate::config::{CoreConfig, EdgeConfig};
 use crate::roles::{self, Running};
@@ -178,8 +180,7 @@ pub async fn start(o: DemoOptions, shutdown: Shutdown) -> Result<Running> {
     );
     if o.source == Some(Source::Testsrc) {
         check_ffmpeg().await?;
-        let url = format!("rtmp://{rtmp}/live/{KEY}");
-        running.tasks.spawn(testsrc(url, shutdown));
+        running.tasks.spawn(testsrc(rtmp, shutdown));
     }
     print_banner(&running.addrs, rtmp, http, o.source.is_some(), &o.data_dir);
     Ok(running)
@@ -258,7 +259,7 @@ async fn check_ffmpeg() -> Result<()> {
 /// 2 s (the origin's target duration) and AAC, at real-time pace. x264's ultrafast preset: a
 /// synthetic pattern needs no compression effort, and the demo then leaves a third more CPU to
 /// the ladder and the player on a small machine.
-fn testsrc_args(url: &str, start_unix_ms: u128) -> Vec<String> {
+fn testsrc_args(start_unix_ms: u128) -> Vec<String> {
     // The clock is the stream's pts plus the wall time at start: with -re they advance together.
     let day_s = (start_unix_ms % 86_400_000) as f64 / 1000.0;
     let clock = format!(
@@ -307,7 +308,7 @@ fn testsrc_args(url: &str, start_unix_ms: u128) -> Vec<String> {
         "128k",
         "-f",
         "flv",
-        url,
+        "pipe:1",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -315,16 +316,16 @@ fn testsrc_args(url: &str, start_unix_ms: u128) -> Vec<String> {
 }
 
 /// Runs the synthetic publisher until shutdown, restarting it (with backoff) when it exits.
-async fn testsrc(url: String, mut shutdown: Shutdown) {
+async fn testsrc(rtmp: SocketAddr, mut shutdown: Shutdown) {
     let mut backoff = Duration::from_secs(1);
     loop {
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let child = tokio::process::Command::new("ffmpeg")
-            .args(testsrc_args(&url, start))
+            .args(testsrc_args(start))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn();
@@ -348,14 +349,20 @@ async fn testsrc(url: String, mut shutdown: Shutdown) {
             }
         });
         let began = std::time::Instant::now();
+        let Some(flv) = child.stdout.take() else {
+            return;
+        };
         tokio::select! {
             _ = shutdown.wait() => {
                 let _ = child.kill().await;
                 return;
             }
-            status = child.wait() => {
+            r = publish_flv(rtmp, KEY, flv) => {
+                let _ = child.kill().await;
+                let status = child.wait().await;
                 let last = last.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                warn!(status = ?status.ok(), last_error = %last, "test source exited; restarting");
+                let error = r.err().map(|e| format!("{e:#}")).unwrap_or_default();
+                warn!(status = ?status.ok(), last_error = %last, %error, "test source exited; restarting");
             }
         }
         if began.elapsed() > Duration::from_secs(30) {
@@ -366,6 +373,142 @@ async fn testsrc(url: String, mut shutdown: Shutdown) {
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Publishes the FLV stream `flv` (ffmpeg's output) to the RTMP ingest at `addr` as `key`,
+/// tag by tag as it arrives, until `flv` ends or the connection fails.
+async fn publish_flv(
+    addr: SocketAddr,
+    key: &str,
+    flv: impl tokio::io::AsyncRead + Unpin,
+) -> Result<()> {
+    use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+    use rml_rtmp::sessions::{
+        ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult,
+        PublishRequestType,
+    };
+    use rml_rtmp::time::RtmpTimestamp;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let limit = Duration::from_secs(5);
+    let sock = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
+        .await
+        .context("connecting to the RTMP ingest")??;
+    let _ = sock.set_nodelay(true);
+    let (mut rd, mut wr) = sock.into_split();
+    let mut hs = Handshake::new(PeerType::Client);
+    let p0p1 = hs
+        .generate_outbound_p0_and_p1()
+        .map_err(|e| anyhow!("handshake: {e:?}"))?;
+    wr.write_all(&p0p1).await?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pending = loop {
+        let n = tokio::time::timeout(limit, rd.read(&mut buf))
+            .await
+            .context("RTMP handshake")??;
+        if n == 0 {
+            return Err(anyhow!("ingest closed during the handshake"));
+        }
+        match hs
+            .process_bytes(&buf[..n])
+            .map_err(|e| anyhow!("handshake: {e:?}"))?
+        {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                wr.write_all(&response_bytes).await?
+            }
+            HandshakeProcessResult::Completed {
+                response_bytes,
+                remaining_bytes,
+            } => {
+                wr.write_all(&response_bytes).await?;
+                break remaining_bytes;
+            }
+        }
+    };
+    let (mut session, initial) =
+        ClientSession::new(ClientSessionConfig::new()).map_err(|e| anyhow!("{e:?}"))?;
+    let mut out = initial;
+    out.push(
+        session
+            .request_connection("live".into())
+            .map_err(|e| anyhow!("{e:?}"))?,
+    );
+    // connect, then publish once connected; what the ingest sends back is answered in order.
+    let mut publishing = false;
+    let mut requested = false;
+    while !publishing {
+        for r in out.drain(..) {
+            match r {
+                ClientSessionResult::OutboundResponse(p) => wr.write_all(&p.bytes).await?,
+                ClientSessionResult::RaisedEvent(ClientSessionEvent::ConnectionRequestAccepted)
+                    if !requested =>
+                {
+                    requested = true;
+                    let r = session
+                        .request_publishing(key.into(), PublishRequestType::Live)
+                        .map_err(|e| anyhow!("{e:?}"))?;
+                    if let ClientSessionResult::OutboundResponse(p) = r {
+                        wr.write_all(&p.bytes).await?;
+                    }
+                }
+                ClientSessionResult::RaisedEvent(ClientSessionEvent::PublishRequestAccepted) => {
+                    publishing = true
+                }
+                _ => {}
+            }
+        }
+        if publishing {
+            break;
+        }
+        if pending.is_empty() {
+            let n = tokio::time::timeout(limit, rd.read(&mut buf))
+                .await
+                .context("waiting for the ingest to accept the publish")??;
+            if n == 0 {
+                return Err(anyhow!("ingest closed before accepting the publish"));
+            }
+            pending.extend_from_slice(&buf[..n]);
+        }
+        out = session
+            .handle_input(&pending)
+            .map_err(|e| anyhow!("{e:?}"))?;
+        pending.clear();
+    }
+    // From here the ingest only acknowledges: read and drop, so its writes never stall.
+    let drain = async move {
+        let mut buf = vec![0u8; 4096];
+        while rd.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    };
+    let send = async move {
+        let mut flv = tokio::io::BufReader::new(flv);
+        let mut header = [0u8; 13]; // FLV header and the first PreviousTagSize
+        flv.read_exact(&mut header).await.context("FLV header")?;
+        loop {
+            let mut tag = [0u8; 11];
+            if flv.read_exact(&mut tag).await.is_err() {
+                return Ok(()); // ffmpeg stopped
+            }
+            let size = u32::from_be_bytes([0, tag[1], tag[2], tag[3]]) as usize;
+            let ts = u32::from_be_bytes([tag[7], tag[4], tag[5], tag[6]]);
+            let mut body = vec![0u8; size + 4]; // the tag and its PreviousTagSize
+            flv.read_exact(&mut body).await.context("FLV tag")?;
+            body.truncate(size);
+            let data = bytes::Bytes::from(body);
+            let r = match tag[0] {
+                9 => session.publish_video_data(data, RtmpTimestamp::new(ts), false),
+                8 => session.publish_audio_data(data, RtmpTimestamp::new(ts), false),
+                _ => continue, // script data: the ingest reads the codec headers instead
+            }
+            .map_err(|e| anyhow!("{e:?}"))?;
+            if let ClientSessionResult::OutboundResponse(p) = r {
+                wr.write_all(&p.bytes).await.context("RTMP write")?;
+            }
+        }
+    };
+    tokio::select! {
+        r = send => r,
+        _ = drain => Err(anyhow!("ingest closed the connection")),
     }
 }
 
@@ -417,9 +560,11 @@ mod tests {
     fn the_test_source_clock_starts_at_the_wall_time() {
         // 2026-11-24 10:20:30.250 UTC
         let ms = 1_795_861_230_250u128;
-        let args = testsrc_args("rtmp://127.0.0.1:1935/live/demo-key", ms);
+        let args = testsrc_args(ms);
         let vf = &args[args.iter().position(|a| a == "-vf").unwrap() + 1];
         assert!(vf.contains("hms\\:37230.250"), "{vf}");
-        assert_eq!(args.last().unwrap(), "rtmp://127.0.0.1:1935/live/demo-key");
+        // FLV to a pipe: the key never is on ffmpeg's command line.
+        assert_eq!(args.last().unwrap(), "pipe:1");
+        assert!(!args.iter().any(|a| a.contains(KEY) || a.contains("rtmp")));
     }
 }

@@ -123,19 +123,24 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(name: &str, args: &[&str]) -> Self {
-        Self::spawn(name, args, true)
+        Self::spawn(name, args, true, "info")
     }
 
     /// For benchmarks: warnings only, nothing echoed.
     pub fn start_quiet(name: &str, args: &[&str]) -> Self {
-        Self::spawn(name, args, false)
+        Self::spawn(name, args, false, "warn,livepop=info")
     }
 
-    fn spawn(name: &str, args: &[&str], echo: bool) -> Self {
+    /// With a RUST_LOG filter of the test's choosing (not echoed).
+    pub fn start_logging(name: &str, args: &[&str], filter: &str) -> Self {
+        Self::spawn(name, args, false, filter)
+    }
+
+    fn spawn(name: &str, args: &[&str], echo: bool, filter: &str) -> Self {
         let mut child = Command::new(BIN)
             .arg("--log-json")
             .args(args)
-            .env("RUST_LOG", if echo { "info" } else { "warn,livepop=info" })
+            .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -945,9 +950,18 @@ pub fn encode_flv_sized(out: &Path, size: &str, secs: u32) {
 /// `livepop demo` with every listener on port 0 and its certificates in the test directory,
 /// plus `extra` arguments (e.g. `--source testsrc`, `--key NAME=KEY`).
 pub fn start_demo(env: &Env, extra: &[&str]) -> Proc {
+    let args = demo_args(env, extra);
+    Proc::start("demo", &args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// `livepop demo` arguments: every listener on port 0, data in the test directory.
+pub fn demo_args(env: &Env, extra: &[&str]) -> Vec<String> {
     let dir = env.path().join("demo");
-    let dir = dir.to_str().unwrap();
-    let mut args = vec!["demo", "--data-dir", dir];
+    let mut args = vec![
+        "demo".to_string(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+    ];
     for flag in [
         "--rtmp",
         "--rtmps",
@@ -958,10 +972,10 @@ pub fn start_demo(env: &Env, extra: &[&str]) -> Proc {
         "--edge-admin",
         "--core-admin",
     ] {
-        args.extend([flag, "127.0.0.1:0"]);
+        args.extend([flag.to_string(), "127.0.0.1:0".into()]);
     }
-    args.extend(extra);
-    Proc::start("demo", &args)
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
 }
 
 /// Plays `url` (the player page) for `secs` in headless Chromium with web/e2e/play.mjs and
