@@ -73,7 +73,7 @@ pub fn generate(dir: &Path, force: bool) -> Result<bool> {
     )?;
     let (edge, edge_key) = leaf(
         "livepop edge",
-        &[DEV_EDGE_NODE, "localhost"],
+        &[DEV_EDGE_NODE],
         ExtendedKeyUsagePurpose::ClientAuth,
         &issuer,
     )?;
@@ -115,10 +115,11 @@ fn ca_params(name: &str) -> Result<CertificateParams> {
 /// Writes `node-ID.pem`/`.key` into `dir`: an edge client certificate for node `id`, signed by
 /// the development fleet CA already there. Kept if present, unless `force`.
 pub fn generate_edge(dir: &Path, id: &str, force: bool) -> Result<()> {
-    rustls::pki_types::ServerName::try_from(id)
-        .ok()
-        .filter(|n| matches!(n, rustls::pki_types::ServerName::DnsName(_)))
-        .ok_or_else(|| anyhow!("node id {id:?} is not a DNS name"))?;
+    if !crate::config::valid_node_id(id) {
+        return Err(anyhow!(
+            "node id {id:?}: lowercase DNS labels (a-z, 0-9, -) joined by dots"
+        ));
+    }
     let (pem, key) = (format!("node-{id}.pem"), format!("node-{id}.key"));
     if !force && dir.join(&pem).is_file() && dir.join(&key).is_file() {
         return Ok(());
@@ -164,15 +165,38 @@ fn write_file(dir: &Path, name: &str, body: &str) -> Result<()> {
     Ok(())
 }
 
-/// True if the certificate names `node_id` as a DNS name (SAN): the relay's proof of identity.
+/// True if the certificate names `node_id` exactly as a SAN dNSName: the relay's proof of
+/// identity. No wildcard, no other case or trailing dot: one spelling per node, so one
+/// certificate is one identity (`config::valid_node_id`).
 pub fn names_node(der: &CertificateDer<'_>, node_id: &str) -> bool {
-    let Ok(name @ rustls::pki_types::ServerName::DnsName(_)) =
-        rustls::pki_types::ServerName::try_from(node_id)
-    else {
-        return false;
-    };
-    webpki::EndEntityCert::try_from(der)
-        .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+    crate::config::valid_node_id(node_id)
+        && webpki::EndEntityCert::try_from(der)
+            .is_ok_and(|c| c.valid_dns_names().any(|n| n == node_id))
+}
+
+/// True if the certificate chain in `cert` verifies as a server certificate against the CA
+/// certificates in `ca`. An edge refuses to present a fleet-signed certificate to the internet.
+pub fn chains_to(cert: &Path, ca: &Path) -> Result<bool> {
+    let chain = load_certs(cert)?;
+    let cas = load_certs(ca)?;
+    let anchors: Vec<_> = cas
+        .iter()
+        .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
+        .collect();
+    let ee = webpki::EndEntityCert::try_from(&chain[0])
+        .map_err(|e| anyhow!("{}: {e}", cert.display()))?;
+    let provider = provider();
+    Ok(ee
+        .verify_for_usage(
+            provider.signature_verification_algorithms.all,
+            &anchors,
+            &chain[1..],
+            rustls::pki_types::UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .is_ok())
 }
 
 /// Reads every certificate in a PEM file.
@@ -266,7 +290,16 @@ mod tests {
         // Edge certificates name their node; the public certificate is not from the fleet CA.
         let edge = &load_certs(&p.join("edge.pem")).unwrap()[0];
         assert!(names_node(edge, DEV_EDGE_NODE));
-        assert!(!names_node(edge, "edge-2") && !names_node(edge, "127.0.0.1"));
+        for other in [
+            "edge-2",
+            "127.0.0.1",
+            "localhost",
+            "EDGE-1",
+            "edge-1.",
+            "Edge-1",
+        ] {
+            assert!(!names_node(edge, other), "{other}");
+        }
         generate_edge(p, "edge-2", false).unwrap();
         let e2 = &load_certs(&p.join("node-edge-2.pem")).unwrap()[0];
         assert!(names_node(e2, "edge-2") && !names_node(e2, DEV_EDGE_NODE));
@@ -291,6 +324,9 @@ mod tests {
         assert!(verifier
             .verify_server_cert(server, &[], &localhost, &[], now)
             .is_err());
+        assert!(!chains_to(&p.join("server.pem"), &p.join("ca.pem")).unwrap());
+        assert!(chains_to(&p.join("server.pem"), &p.join("public-ca.pem")).unwrap());
+        assert!(chains_to(&p.join("core.pem"), &p.join("ca.pem")).unwrap());
         let core = &load_certs(&p.join("core.pem")).unwrap()[0];
         assert!(verifier
             .verify_server_cert(core, &[], &localhost, &[], now)

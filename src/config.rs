@@ -152,6 +152,11 @@ pub struct RtmpConfig {
     /// A connection that sends nothing for this long is closed (milliseconds).
     #[serde(default = "default_stall_ms")]
     pub stall_timeout_ms: u64,
+    /// Highest rate a publisher may send, averaged over 10 s (kbit/s; 0: no cap). Everything
+    /// downstream (the relay, packagers' windows, recordings) holds a stream for a time, so
+    /// this is what bounds their bytes.
+    #[serde(default = "default_max_bitrate")]
+    pub max_bitrate_kbps: u64,
     /// The RTMP handshake must complete within this time (milliseconds).
     #[serde(default = "default_handshake_ms")]
     pub handshake_timeout_ms: u64,
@@ -176,6 +181,9 @@ fn default_max_connections() -> usize {
 }
 fn default_max_buffered() -> usize {
     16 * 1024 * 1024
+}
+fn default_max_bitrate() -> u64 {
+    100_000
 }
 fn default_max_message() -> usize {
     8 * 1024 * 1024
@@ -757,6 +765,7 @@ impl EdgeConfig {
 
     fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
         let base = base_dir(file);
+        check_node_id(file, &self.node_id)?;
         check_addr(file, "admin.listen", &self.admin.listen)?;
         check_addr(file, "rtmp.listen", &self.rtmp.listen)?;
         if self.rtmp.max_connections == 0 {
@@ -897,6 +906,26 @@ impl EdgeConfig {
         check_file(file, "relay.cert", &base, &mut r.cert)?;
         check_file(file, "relay.key", &base, &mut r.key)?;
         check_file(file, "relay.ca", &base, &mut r.ca)?;
+        // A public certificate from the fleet CA would put a key that can pose as a core on an
+        // internet-facing host.
+        let public = [
+            ("rtmps.cert", self.rtmps.as_ref().map(|t| t.cert.clone())),
+            (
+                "playback.cert",
+                self.playback.as_ref().and_then(|p| p.cert.clone()),
+            ),
+        ];
+        for (key, cert) in public {
+            if let Some(cert) = cert {
+                if crate::certs::chains_to(&cert, &r.ca).unwrap_or(false) {
+                    return Err(err(
+                        file,
+                        key,
+                        "signed by the fleet CA (relay.ca): its key, on an internet-facing edge, could pose as a core; use a certificate from another CA",
+                    ));
+                }
+            }
+        }
         if r.cores.is_empty() {
             return Err(err(
                 file,
@@ -950,6 +979,7 @@ impl CoreConfig {
 
     fn validate(&mut self, file: &Path) -> Result<(), ConfigError> {
         let base = base_dir(file);
+        check_node_id(file, &self.node_id)?;
         check_addr(file, "admin.listen", &self.admin.listen)?;
         check_addr(file, "relay.listen", &self.relay.listen)?;
         check_file(file, "relay.cert", &base, &mut self.relay.cert)?;
@@ -1062,6 +1092,32 @@ pub fn load_any(file: &Path) -> Result<AnyConfig, ConfigError> {
             file,
             "-",
             "neither an edge config (has [rtmp]) nor a core config (has [relay] without [rtmp])",
+        ))
+    }
+}
+
+/// A node id in its one spelling: lowercase DNS labels (`a-z`, `0-9`, `-`) joined by dots, no
+/// trailing dot. An edge's certificate names it exactly (SAN dNSName); one spelling per node is
+/// what lets the core tell edges apart.
+pub fn valid_node_id(id: &str) -> bool {
+    id.len() <= 253
+        && id.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+fn check_node_id(file: &Path, id: &str) -> Result<(), ConfigError> {
+    if valid_node_id(id) {
+        Ok(())
+    } else {
+        Err(err(
+            file,
+            "node_id",
+            "must be lowercase DNS labels (a-z, 0-9, -) joined by dots, as the node's certificate names it",
         ))
     }
 }

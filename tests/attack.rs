@@ -904,3 +904,33 @@ fn edges_cannot_take_pin_or_flood_streams_at_the_core() {
     });
     r.check_honest();
 }
+
+// ---- 9. The public certificate ----------------------------------------------------------------
+
+#[test]
+fn a_fleet_signed_public_certificate_is_refused() {
+    let env = Env::new();
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), "127.0.0.1:4433".parse().unwrap())]);
+    opts.origins = vec!["127.0.0.1:8090".parse().unwrap()];
+    let good = edge_config(&env, &opts);
+    let check = |cfg: &std::path::Path| {
+        Command::new(BIN)
+            .args(["check-config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    assert!(check(&good).status.success());
+    // The core's certificate (fleet CA) as the RTMPS or HTTPS certificate.
+    let text = std::fs::read_to_string(&good).unwrap();
+    for (from, to) in [
+        ("[rtmps]\nlisten = \"127.0.0.1:0\"\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"", "[rtmps]\nlisten = \"127.0.0.1:0\"\ncert = \"certs/core.pem\"\nkey = \"certs/core.key\""),
+        ("tls_listen = \"127.0.0.1:0\"\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"", "tls_listen = \"127.0.0.1:0\"\ncert = \"certs/core.pem\"\nkey = \"certs/core.key\""),
+    ] {
+        assert!(text.contains(from), "{text}");
+        let bad = env.write("fleet-signed.toml", &text.replacen(from, to, 1));
+        let out = check(&bad);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("signed by the fleet CA"), "{err}");
+    }
+}

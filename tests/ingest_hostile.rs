@@ -241,3 +241,31 @@ fn interleaved_chunk_streams_arrive_intact() {
     });
     assert_same_frames(&src, &rec);
 }
+
+#[test]
+fn a_publisher_over_the_bitrate_cap_is_disconnected() {
+    let r = rig("max_bitrate_kbps = 4000");
+    let mut p = RawPublisher::publish(r.edge.addr("rtmp"), "other-key");
+    // Keyframes of 64 KiB as fast as the socket takes them: 8 MiB, past 4 Mbit/s × 10 s.
+    let mut key = vec![0x17u8, 1, 0, 0, 0];
+    key.extend_from_slice(&((64 * 1024 - 4) as u32).to_be_bytes());
+    key.resize(5 + 64 * 1024, 0x65);
+    let mut closed = false;
+    for i in 0..128u32 {
+        let m = livepop::ingest::chunk::write::message(6, i * 33, 9, 1, &key, RAW_CHUNK);
+        if !p.send(&m) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed || closed_by_peer(&mut p.s, Duration::from_secs(5)));
+    r.expect_log("max_bitrate_kbps = 4000");
+    assert_eq!(
+        metric(
+            r.edge.addr("admin"),
+            "livepop_ingest_rejected_total{reason=\"bitrate\"}"
+        ),
+        1.0
+    );
+    r.check_good_stream();
+}

@@ -167,6 +167,10 @@ fn signed_urls_are_checked_at_the_edge() {
         before,
         "a refused request reached the core"
     );
+    // Signed streams are not listed for everyone (the core's own list has it).
+    let listed = |a: SocketAddr| http_get(a, "/live/streams.json").unwrap().1;
+    assert!(listed(origin).contains("\"demo\""));
+    assert!(!listed(hb).contains("\"demo\""), "{}", listed(hb));
     // The rotated-in key still plays on B.
     assert_eq!(status(hb, &k2), 200);
     wait_for(

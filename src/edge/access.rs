@@ -142,7 +142,8 @@ fn parse(token: &str) -> Result<(Claims, Vec<u8>), TokenError> {
         return Err(TokenError::Malformed);
     };
     // Canonical decimal only: one expiry, one spelling (no leading zeros or signs).
-    if !valid_key_id(kid) || exp.is_empty() || (exp.len() > 1 && exp.starts_with('0')) {
+    let digits = !exp.is_empty() && exp.bytes().all(|b| b.is_ascii_digit());
+    if !valid_key_id(kid) || !digits || (exp.len() > 1 && exp.starts_with('0')) {
         return Err(TokenError::Malformed);
     }
     let expires = exp.parse::<u64>().map_err(|_| TokenError::Malformed)?;
@@ -358,6 +359,7 @@ mod tests {
             format!("k1.{}.{p}", now + 60),
             format!("k1.0{}.{p}.{sig}", now + 60),
             format!("k1.-1.{p}.{sig}"),
+            format!("k1.+{}.{p}.{sig}", now + 60),
             format!("k 1.{}.{p}.{sig}", now + 60),
             format!(
                 "k1.{}.{}.{sig}",

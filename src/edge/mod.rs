@@ -52,7 +52,7 @@ pub async fn start(
         write_timeout: Duration::from_millis(cfg.write_timeout_ms),
         idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
         player: cfg.player,
-        access: cfg.access.build(),
+        access: Arc::new(cfg.access.build()),
     };
     let conf = Arc::new(ServerConf {
         // Kept-alive connections to the origins, enough for many streams' blocking requests.

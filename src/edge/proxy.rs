@@ -74,7 +74,7 @@ pub struct ProxySettings {
     /// Serve the player page at `/`.
     pub player: bool,
     /// Which streams need a signed URL.
-    pub access: super::access::Access,
+    pub access: Arc<super::access::Access>,
 }
 
 /// The edge's caching proxy.
@@ -114,7 +114,14 @@ impl EdgeProxy {
         EdgeProxy {
             storage,
             lock,
-            directory: web::Directory::new(settings.cores.clone(), health.clone()),
+            directory: {
+                let access = settings.access.clone();
+                web::Directory::new(
+                    settings.cores.clone(),
+                    health.clone(),
+                    Arc::new(move |name: &str| access.mode(name) == super::access::Mode::Public),
+                )
+            },
             settings,
             health,
             metrics,

@@ -69,9 +69,14 @@ pub fn has_hls_js() -> bool {
 pub struct Directory {
     cores: Vec<(String, SocketAddr)>,
     health: Health,
+    /// Whether a stream is listed (signed streams are not: their names are for their viewers).
+    listed: Listed,
     client: Client<HttpConnector, Empty<Bytes>>,
     last: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
 }
+
+/// Decides which stream names the list shows.
+pub type Listed = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// How long a merged list is reused.
 const FRESH: Duration = Duration::from_secs(1);
@@ -80,12 +85,13 @@ const CORE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Directory {
     /// A directory over the cores (id, origin address); `health` says which are reachable.
-    pub fn new(cores: Vec<(String, SocketAddr)>, health: Health) -> Self {
+    pub fn new(cores: Vec<(String, SocketAddr)>, health: Health, listed: Listed) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(CORE_TIMEOUT));
         Directory {
             cores,
             health,
+            listed,
             client: Client::builder(TokioExecutor::new()).build(conn),
             last: tokio::sync::Mutex::new(None),
         }
@@ -107,7 +113,11 @@ impl Directory {
             .map(|(_, a)| *a)
             .collect();
         let lists = futures_util::future::join_all(asked.iter().map(|a| self.fetch(*a))).await;
-        let body = Bytes::from(merge(lists.into_iter().flatten()).to_string());
+        let mut merged = merge(lists.into_iter().flatten());
+        if let Some(list) = merged["streams"].as_array_mut() {
+            list.retain(|s| s["name"].as_str().is_some_and(|n| (self.listed)(n)));
+        }
+        let body = Bytes::from(merged.to_string());
         *last = Some((Instant::now(), body.clone()));
         body
     }
@@ -119,7 +129,11 @@ impl Directory {
             if !resp.status().is_success() {
                 return None;
             }
-            let body = resp.into_body().collect().await.ok()?.to_bytes();
+            let body = http_body_util::Limited::new(resp.into_body(), 4 << 20)
+                .collect()
+                .await
+                .ok()?
+                .to_bytes();
             serde_json::from_slice::<serde_json::Value>(&body).ok()
         })
         .await;

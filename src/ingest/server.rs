@@ -86,6 +86,8 @@ enum End {
     Replaced,
     #[error("the core refused the stream: {0}")]
     CoreRefused(String),
+    #[error("sending faster than rtmp.max_bitrate_kbps = {0}; closing")]
+    Bitrate(u64),
     #[error("publish refused")]
     Refused,
     #[error(
@@ -104,6 +106,7 @@ impl End {
             End::PublishTimeout(_) => Some("publish_timeout"),
             End::GroupTooLarge { .. } => Some("group_too_large"),
             End::CoreRefused(_) => Some("core_refused"),
+            End::Bitrate(_) => Some("bitrate"),
             _ => None,
         }
     }
@@ -117,7 +120,8 @@ impl End {
             | End::Refused
             | End::PublishTimeout(_)
             | End::GroupTooLarge { .. }
-            | End::CoreRefused(_) => None,
+            | End::CoreRefused(_)
+            | End::Bitrate(_) => None,
             End::Stalled(_) => Some("stall"),
             End::Handshake(_) | End::HandshakeTimeout(_) => Some("handshake"),
             End::Session(SessionError::Chunk(_)) => Some("chunk"),
@@ -126,6 +130,42 @@ impl End {
             End::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => Some("write_timeout"),
             End::Io(_) => Some("io"),
         }
+    }
+}
+
+/// Bytes a publisher sent in the current 10-second window, against `rtmp.max_bitrate_kbps`.
+struct RateWindow {
+    kbps: u64,
+    start: Option<Instant>,
+    bytes: u64,
+}
+
+impl RateWindow {
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn new(kbps: u64) -> Self {
+        RateWindow {
+            kbps,
+            start: None,
+            bytes: 0,
+        }
+    }
+
+    fn add(&mut self, n: usize, now: Instant) -> Result<(), End> {
+        if self.kbps == 0 {
+            return Ok(());
+        }
+        let start = *self.start.get_or_insert(now);
+        if now.duration_since(start) >= Self::WINDOW {
+            self.start = Some(now);
+            self.bytes = 0;
+        }
+        self.bytes += n as u64;
+        // kbit/s × 10 s = kbps × 1250 bytes.
+        if self.bytes > self.kbps.saturating_mul(1250) {
+            return Err(End::Bitrate(self.kbps));
+        }
+        Ok(())
     }
 }
 
@@ -281,9 +321,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     let stall = Duration::from_millis(ctx.cfg.stall_timeout_ms);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     buf.extend_from_slice(&leftover);
+    let mut rate = RateWindow::new(ctx.cfg.max_bitrate_kbps);
     loop {
         if !buf.is_empty() {
             ctx.metrics.ingest_bytes.inc_by(buf.len() as u64);
+            rate.add(buf.len(), Instant::now())?;
             let events = session.handle_input(&buf, crate::media::now_unix_us())?;
             buf.clear();
             let work = handle_events(

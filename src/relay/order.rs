@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 /// Bytes of frames held for later groups, per track: past it the current group is given up
 /// as if it had waited `max_wait_us`, so an edge sending ahead cannot grow the core's memory.
 pub const MAX_HELD_BYTES: usize = 64 << 20;
+/// Groups further ahead of the current one than this are refused (the edge holds at most 64),
+/// so the groups held, empty ones included, stay few.
+pub const MAX_AHEAD_GROUPS: u64 = 256;
 /// Bookkeeping counted per held frame.
 const FRAME_OVERHEAD: usize = 64;
 
@@ -81,7 +84,7 @@ impl TrackOrder {
         now_us: u64,
         out: &mut Vec<Frame>,
     ) -> Verdict {
-        if seq < self.current {
+        if seq < self.current || seq - self.current > MAX_AHEAD_GROUPS {
             return Verdict::Late;
         }
         if seq == self.current {
@@ -122,7 +125,9 @@ impl TrackOrder {
             return;
         }
         if seq > self.current {
-            self.pending.entry(seq).or_default().finished = true;
+            if seq - self.current <= MAX_AHEAD_GROUPS {
+                self.pending.entry(seq).or_default().finished = true;
+            }
             return;
         }
         self.jump(seq + 1, out);
@@ -272,5 +277,23 @@ mod tests {
         assert_eq!(o.position().0, 1);
         assert!(out.len() > 60);
         assert_eq!(o.held_bytes, o.held());
+    }
+
+    #[test]
+    fn groups_far_ahead_are_refused() {
+        let mut o = TrackOrder::new(TrackKind::Video, 10, 500_000);
+        let mut out = vec![];
+        assert_eq!(
+            o.offer(10 + MAX_AHEAD_GROUPS + 1, 0, f(0), 0, &mut out),
+            Verdict::Late
+        );
+        for seq in 11..100_000 {
+            o.finish(seq, &mut out);
+        }
+        assert!(o.pending.len() as u64 <= MAX_AHEAD_GROUPS);
+        assert_eq!(
+            o.offer(10 + MAX_AHEAD_GROUPS, 0, f(0), 0, &mut out),
+            Verdict::Held
+        );
     }
 }

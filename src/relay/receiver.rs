@@ -69,6 +69,12 @@ pub struct LiveStream {
 
 /// How long frames of a newer group wait for an older group's stream to finish.
 const REORDER_WAIT_US: u64 = 500_000;
+/// Bytes of partly received frames one edge connection may hold across its group streams
+/// (received data is out of QUIC's flow control once read).
+const MAX_CONN_BUFFERED: usize = 256 << 20;
+/// Connections one edge (node id) may hold at once: one per core, plus a reconnect overlapping
+/// the connection it replaces.
+const MAX_CONNS_PER_EDGE: usize = 4;
 /// Epochs are microseconds since the Unix epoch at publish time: one further ahead of this
 /// core's clock than this is refused.
 const MAX_EPOCH_AHEAD_US: u64 = 600_000_000;
@@ -268,7 +274,9 @@ impl StreamTable {
             return Err(("epoch", "epoch ahead of the core's clock".into()));
         }
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(cur) = m.get(name) {
+        // A stream replaced here is finished with the map unlocked (its consumers are told);
+        // then everything is decided again, against whatever the map holds by then.
+        while let Some(cur) = m.get(name) {
             if cur.owner == edge && cur.epoch == epoch {
                 cur.lock().attached = conn;
                 return Ok(cur.clone());
@@ -287,6 +295,12 @@ impl StreamTable {
                     format!("stream {name} is live from another edge"),
                 ));
             }
+            info!(stream = %name, from = %cur.owner, to = %edge, "stream replaced");
+            let old = cur.clone();
+            m.remove(name);
+            drop(m);
+            self.finish(&old);
+            m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         }
         let held = m
             .values()
@@ -297,14 +311,6 @@ impl StreamTable {
                 "streams_per_edge",
                 format!("this edge already holds {held} streams (relay.max_streams_per_edge)"),
             ));
-        }
-        if let Some(cur) = m.get(name) {
-            info!(stream = %name, from = %cur.owner, to = %edge, "stream taken over");
-            let old = cur.clone();
-            m.remove(name);
-            drop(m);
-            self.finish(&old);
-            m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         }
         let (tx, _) = broadcast::channel(8192);
         let s = Arc::new(LiveStream {
@@ -353,6 +359,8 @@ struct ConnCtx {
     edge: String,
     /// Messages to the edge on the control stream.
     control: mpsc::Sender<Control>,
+    /// Bytes of partly received frames held by this connection's group streams.
+    buffered: AtomicUsize,
     streams: Mutex<HashMap<u64, Arc<LiveStream>>>,
     announced: Notify,
     pending_headers: AtomicUsize,
@@ -367,6 +375,59 @@ pub struct CoreRelay {
     resume_grace: Duration,
     next_conn: AtomicU64,
     policy: AnnouncePolicy,
+    /// Open connections per edge node id.
+    edges: Mutex<HashMap<String, usize>>,
+}
+
+/// One connection counted against its edge's `MAX_CONNS_PER_EDGE`.
+struct EdgeSlot<'a>(&'a CoreRelay, String);
+
+impl Drop for EdgeSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.0.edges.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// A group stream's share of its connection's `buffered` bytes.
+struct Buffered<'a> {
+    ctx: &'a ConnCtx,
+    held: usize,
+}
+
+impl Buffered<'_> {
+    /// This stream now holds `n` bytes; an error once the connection holds too much.
+    fn set(&mut self, n: usize) -> Result<()> {
+        if n >= self.held {
+            let total = self
+                .ctx
+                .buffered
+                .fetch_add(n - self.held, Ordering::Relaxed);
+            self.held = n;
+            if total + n > MAX_CONN_BUFFERED {
+                return Err(anyhow!(
+                    "edge connection holds over {MAX_CONN_BUFFERED} bytes of partial frames"
+                ));
+            }
+        } else {
+            self.ctx
+                .buffered
+                .fetch_sub(self.held - n, Ordering::Relaxed);
+            self.held = n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Buffered<'_> {
+    fn drop(&mut self) {
+        self.ctx.buffered.fetch_sub(self.held, Ordering::Relaxed);
+    }
 }
 
 impl CoreRelay {
@@ -397,6 +458,7 @@ impl CoreRelay {
                 on_duplicate: cfg.on_duplicate,
                 max_streams_per_edge: cfg.max_streams_per_edge,
             },
+            edges: Mutex::new(HashMap::new()),
         })
     }
 
@@ -478,6 +540,23 @@ impl CoreRelay {
                 edge.escape_debug().to_string()
             ));
         }
+        let _slot = {
+            let mut m = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(edge.clone()).or_default();
+            if *n >= MAX_CONNS_PER_EDGE {
+                drop(m);
+                self.metrics
+                    .relay_refused
+                    .with_label_values(&["connections_per_edge"])
+                    .inc();
+                conn.close(3u32.into(), b"too many connections from this edge");
+                return Err(anyhow!(
+                    "edge {edge} already holds {MAX_CONNS_PER_EDGE} connections"
+                ));
+            }
+            *n += 1;
+            EdgeSlot(&self, edge.clone())
+        };
         info!(%edge, "edge connected");
         let mut out = BytesMut::new();
         Control::HelloAck {
@@ -503,6 +582,7 @@ impl CoreRelay {
             id,
             edge: edge.clone(),
             control,
+            buffered: AtomicUsize::new(0),
             streams: Mutex::new(HashMap::new()),
             announced: Notify::new(),
             pending_headers: AtomicUsize::new(0),
@@ -521,7 +601,15 @@ impl CoreRelay {
             .cloned()
             .collect();
         for s in streams {
-            s.lock().attached = 0;
+            {
+                // Only streams still attached here: the edge may already have resumed one on
+                // a new connection.
+                let mut st = s.lock();
+                if st.attached != id {
+                    continue;
+                }
+                st.attached = 0;
+            }
             let me = self.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(me.resume_grace).await;
@@ -567,6 +655,32 @@ impl CoreRelay {
         }
     }
 
+    /// A connection-local stream id names one publishing session: an Announce may repeat it
+    /// (a codec change) but not rebind it, nor announce one session under several ids; the
+    /// connection's table stays bounded.
+    fn check_stream_id(&self, ctx: &ConnCtx, a: &wire::Announce) -> Result<(), Refusal> {
+        let mut streams = ctx.streams.lock().unwrap_or_else(|p| p.into_inner());
+        // Streams replaced or finished meanwhile leave the table.
+        streams.retain(|_, s| !s.lock().ended);
+        match streams.get(&a.stream_id) {
+            Some(s) if s.name != a.name || s.epoch != a.epoch => {
+                Err(("stream_id", "stream id bound to another stream".into()))
+            }
+            Some(_) => Ok(()),
+            None if streams
+                .values()
+                .any(|s| s.name == a.name && s.epoch == a.epoch) =>
+            {
+                Err(("stream_id", "stream announced under another id".into()))
+            }
+            None if streams.len() >= self.policy.max_streams_per_edge.saturating_mul(2) => Err((
+                "streams_per_edge",
+                "too many streams on this connection".into(),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn on_control(self: &Arc<Self>, ctx: &Arc<ConnCtx>, m: Control) {
         match m {
             Control::Announce(a) => {
@@ -574,10 +688,11 @@ impl CoreRelay {
                     warn!(name = %a.name.escape_debug(), "announce with an invalid stream name ignored");
                     return;
                 }
-                match self
-                    .table
-                    .attach(&a.name, a.epoch, ctx.id, &ctx.edge, self.policy)
-                {
+                let known = self.check_stream_id(ctx, &a);
+                match known.and_then(|()| {
+                    self.table
+                        .attach(&a.name, a.epoch, ctx.id, &ctx.edge, self.policy)
+                }) {
                     Ok(s) => {
                         s.add_info(a.config_version, a.info);
                         let fresh = ctx
@@ -639,6 +754,7 @@ impl CoreRelay {
     async fn read_group(&self, ctx: &ConnCtx, mut recv: quinn::RecvStream) -> Result<()> {
         let mut dec = GroupDecoder::new();
         let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut budget = Buffered { ctx, held: 0 };
         let header = loop {
             match dec.decode(&mut buf) {
                 Ok(Some(GroupItem::Header(h))) => break Ok(h),
@@ -647,7 +763,12 @@ impl CoreRelay {
                 Err(e) => break Err(e.into()),
             }
             match recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+                Ok(Some(c)) => {
+                    buf.extend_from_slice(&c.bytes);
+                    if let Err(e) = budget.set(buf.len()) {
+                        break Err(e);
+                    }
+                }
                 Ok(None) => break Err(anyhow!("stream ended before its header")),
                 Err(e) => break Err(e.into()),
             }
@@ -675,8 +796,17 @@ impl CoreRelay {
             );
         }
         let result = self
-            .read_frames(&stream, header, &mut dec, &mut buf, &mut recv)
+            .read_frames(&stream, header, &mut dec, &mut buf, &mut recv, &mut budget)
             .await;
+        if result
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("partial frames"))
+        {
+            self.metrics
+                .relay_refused
+                .with_label_values(&["buffer"])
+                .inc();
+        }
         let released = stream.finish_group(header.track, header.seq);
         self.count_delivered(&stream, header.track, released);
         stream.lock().open_groups -= 1;
@@ -720,6 +850,7 @@ impl CoreRelay {
         dec: &mut GroupDecoder,
         buf: &mut BytesMut,
         recv: &mut quinn::RecvStream,
+        budget: &mut Buffered<'_>,
     ) -> Result<()> {
         let track = header.track.as_str();
         let delay = self.metrics.relay_delay.with_label_values(&[track]);
@@ -754,8 +885,12 @@ impl CoreRelay {
                 }
                 idx += 1;
             }
+            budget.set(buf.len())?;
             match recv.read_chunk(256 * 1024, true).await? {
-                Some(c) => buf.extend_from_slice(&c.bytes),
+                Some(c) => {
+                    buf.extend_from_slice(&c.bytes);
+                    budget.set(buf.len())?;
+                }
                 None => {
                     if !buf.is_empty() {
                         return Err(anyhow!("group stream ended mid-frame"));
