@@ -37,11 +37,16 @@ struct Rig {
 /// publisher runs for `secs`, and the honest viewer plays from the first part until shortly
 /// before the publisher stops.
 fn rig(secs: u32, extra_rtmp: &str) -> Rig {
-    rig_with(secs, extra_rtmp, "")
+    rig_with(
+        secs,
+        extra_rtmp,
+        "",
+        &limits_block(HEADER_MS, IDLE_MS, WRITE_MS),
+    )
 }
 
-/// `rig`, with extra keys for the edge's [relay] section.
-fn rig_with(secs: u32, extra_rtmp: &str, extra_relay: &str) -> Rig {
+/// `rig`, with extra keys for the edge's [relay] section, and its [playback] keys.
+fn rig_with(secs: u32, extra_rtmp: &str, extra_relay: &str, playback: &str) -> Rig {
     let env = Env::new();
     let admin_limits = format!("[admin]\n{}", limits_block(HEADER_MS, IDLE_MS, WRITE_MS));
     let core_cfg = core_config(&env, "core-1", "127.0.0.1:0", true);
@@ -63,7 +68,7 @@ fn rig_with(secs: u32, extra_rtmp: &str, extra_relay: &str) -> Rig {
     let core = Proc::start("core", &["core", "--config", core_cfg.to_str().unwrap()]);
     let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
     opts.origins = vec![core.addr("origin")];
-    opts.extra_playback = limits_block(HEADER_MS, IDLE_MS, WRITE_MS);
+    opts.extra_playback = playback.to_string();
     opts.extra_rtmp =
         format!("publish_timeout_ms = {PUBLISH_MS}\nwrite_timeout_ms = {WRITE_MS}\n{extra_rtmp}");
     let cfg = edge_config(&env, &opts);
@@ -156,6 +161,19 @@ impl Rig {
             .filter(|v| message_is(v, "origin request") && v["fields"]["uri"] == uri)
             .count()
     }
+}
+
+/// A blocking TCP connection to `addr` from source address `ip` (any of 127.0.0.0/8).
+fn connect_from(ip: &str, addr: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt.block_on(sock.connect(addr)).unwrap().into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s
 }
 
 // ---- 1. AMF0 nesting ----------------------------------------------------------------------
@@ -460,23 +478,9 @@ fn rtmp_connections_must_publish_in_time_and_share_slots_fairly() {
         ) >= 1.0
     );
     // One source holds at most 3 connections; another source still gets in.
-    let from = |ip: &str| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-            sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-            sock.connect(addr).await.unwrap().into_std().unwrap()
-        })
-    };
+    let from = |ip: &str| connect_from(ip, addr);
     let held: Vec<TcpStream> = (0..3).map(|_| from("127.0.0.9")).collect();
-    for s in &held {
-        s.set_nonblocking(false).unwrap();
-    }
     let mut fourth = from("127.0.0.9");
-    fourth.set_nonblocking(false).unwrap();
     // Refused at once (the others are still inside their 2 s handshake deadline).
     assert!(closed_by_peer(&mut fourth, Duration::from_secs(1)));
     assert!(
@@ -486,7 +490,6 @@ fn rtmp_connections_must_publish_in_time_and_share_slots_fairly() {
         ) >= 1.0
     );
     let mut other = from("127.0.0.10");
-    other.set_nonblocking(false).unwrap();
     assert!(!closed_by_peer(&mut other, Duration::from_millis(300)));
     drop(held);
     r.check_honest();
@@ -657,7 +660,12 @@ fn media_message(kind: u8, ts: u32, body: &[u8]) -> Vec<u8> {
 
 #[test]
 fn publishers_cannot_grow_memory_past_the_bounds() {
-    let r = rig_with(34, "", &format!("max_buffered_bytes = {RELAY_BUDGET}"));
+    let r = rig_with(
+        34,
+        "",
+        &format!("max_buffered_bytes = {RELAY_BUDGET}"),
+        &limits_block(HEADER_MS, IDLE_MS, WRITE_MS),
+    );
     let addr = r.edge.addr("rtmp");
     let (avc, aac, key) = real_headers(&r.env);
     let headers = [media_message(9, 0, &avc), media_message(8, 0, &aac)].concat();
@@ -933,4 +941,53 @@ fn a_fleet_signed_public_certificate_is_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("signed by the fleet CA"), "{err}");
     }
+}
+
+// ---- 2. Viewer connections per source address ---------------------------------------------
+
+#[test]
+fn one_viewer_address_cannot_take_every_slot() {
+    let r = rig_with(
+        14,
+        "",
+        "",
+        &format!(
+            "max_connections_per_ip = 4\n{}",
+            limits_block(HEADER_MS, IDLE_MS, WRITE_MS)
+        ),
+    );
+    let http = r.edge.addr("http");
+    // Four kept-alive connections from one address, each after a real request (so only the
+    // idle deadline, 3 s, would close them)...
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = connect_from("127.0.0.5", http);
+            s.write_all(b"GET /live/demo/master.m3u8 HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    // ...and a fifth from it is closed at once, over HTTP or HTTPS (one budget for both).
+    for port in [http, r.edge.addr("https")] {
+        let mut fifth = connect_from("127.0.0.5", port);
+        assert!(closed_by_peer(&mut fifth, Duration::from_secs(1)), "{port}");
+    }
+    let refused = r#"livepop_edge_refused_total{reason="per_ip_limit"}"#;
+    assert_eq!(metric(r.edge.addr("admin"), refused), 2.0);
+    // Another address is served meanwhile.
+    let mut other = connect_from("127.0.0.6", http);
+    other
+        .write_all(b"GET /live/demo/master.m3u8 HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = std::io::Read::read_to_string(&mut other, &mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    drop(held);
+    r.check_honest();
 }
