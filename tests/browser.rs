@@ -245,3 +245,73 @@ fn realtime_problems_flags_late_stalls_and_high_latency() {
     let p = realtime_problems(&report(serde_json::json!([]), -0.1));
     assert!(p.len() == 1 && p[0].contains("clock"), "{p:?}");
 }
+
+/// The player page plays a signed URL (`/?url=/t/<token>/live/NAME/master.m3u8`, as
+/// `livepop sign-url` prints it) of a stream that needs one: every object through the token.
+#[test]
+fn the_player_page_plays_a_signed_url() {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "");
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.origins = vec![core.addr("origin")];
+    let cfg = edge_config(&env, &opts);
+    let secret = "ab".repeat(32);
+    let access = format!(
+        "[playback.access]\nsigned = [\"demo\"]\n[[playback.access.keys]]\nid = \"k1\"\nsecret = \"{secret}\"\n"
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "[relay]\n",
+        &format!("{access}[relay]\n"),
+        1,
+    );
+    let cfg = env.write("edge-signed.toml", &text);
+    let edge = Proc::start("edge", &["edge", "--config", cfg.to_str().unwrap()]);
+    wait_for("edge /readyz", Duration::from_secs(10), || {
+        (http_get(edge.addr("admin"), "/readyz")?.0 == 200).then_some(())
+    });
+    let mut ff = ffmpeg_publish(
+        &format!("rtmp://{}/live/demo-key", edge.addr("rtmp")),
+        40,
+        "640x360",
+        None,
+    );
+    let out = std::process::Command::new(BIN)
+        .args([
+            "sign-url",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--stream",
+            "demo",
+        ])
+        .args(["--base", "http://x"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let signed = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .replace("http://x", "");
+    let http = edge.addr("http");
+    wait_for("three complete segments", Duration::from_secs(60), || {
+        let path = signed.replace("master.m3u8", "src/index.m3u8");
+        let (s, pl) = http_get(http, &path)?;
+        (s == 200 && complete_segments(&pl).len() >= 3).then_some(())
+    });
+    // Without the token the same stream is refused.
+    assert_eq!(http_get(http, "/live/demo/master.m3u8").unwrap().0, 403);
+    let shot = artefacts().join("browser-signed.png");
+    let r = play_in_browser(&format!("http://{http}/?url={signed}"), 5.0, &shot);
+    assert!(r["failure"].is_null(), "the signed URL did not play: {r}");
+    let t: Vec<f64> = r["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["currentTime"].as_f64())
+        .collect();
+    assert!(
+        t.last().unwrap_or(&0.0) - t.first().unwrap_or(&0.0) > 2.0,
+        "playback did not advance: {t:?}"
+    );
+    let _ = ff.kill();
+    let _ = ff.wait();
+}
