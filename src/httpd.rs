@@ -2,8 +2,9 @@
 //! (HTTP/1.1). One accept loop with the limits every listener needs: a connection cap and a
 //! per-source cap checked before any work, the first request's headers (or the HTTP/2 preface
 //! and first HEADERS) due within `header_timeout` of connecting however the client drips them,
-//! a kept-alive connection closed after `idle_timeout` without a request, and a client that
-//! stops reading dropped after `write_timeout`.
+//! a kept-alive connection closed after `idle_timeout` without a request (HTTP/2 PINGs and
+//! other frames do not count: only requests do), and a client that stops reading dropped after
+//! `write_timeout`.
 //!
 //! hyper alone bounds none of these: without a timer it has no header timeout, and hyper-util's
 //! protocol detection waits for the 24-byte HTTP/2 preface with no deadline at all.
@@ -17,10 +18,80 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Requests under way on one connection, and when the last one ended.
+struct Activity {
+    in_flight: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+impl Activity {
+    /// Resolves once no request has been under way for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                // A request under way is bounded by its handler (the origin's longest hold)
+                // and the write timeout.
+                tokio::time::sleep(idle.min(Duration::from_secs(1))).await;
+                continue;
+            }
+            let due = *self.last.lock().unwrap_or_else(|p| p.into_inner()) + idle;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// One request under way; its end (or its cancellation: a reset stream) is recorded on drop.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(a: &Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(a.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as under way until it is sent or dropped.
+struct Guarded {
+    body: Full<Bytes>,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 /// The limits of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -86,12 +157,25 @@ pub async fn serve(
                 .with_idle(limits.idle_timeout)
                 .on_trip(refused.clone());
             let first = Arc::new(Notify::new());
+            let activity = Arc::new(Activity {
+                in_flight: AtomicUsize::new(0),
+                last: Mutex::new(Instant::now()),
+            });
             let svc = {
                 let first = first.clone();
+                let activity = activity.clone();
                 hyper::service::service_fn(move |req| {
                     first.notify_one();
+                    let in_flight = InFlight::start(&activity);
                     let fut = handler(req);
-                    async move { Ok::<_, Infallible>(fut.await) }
+                    async move {
+                        // Under way until its body is written (or the stream is reset).
+                        let r = fut.await.map(|body| Guarded {
+                            body,
+                            _in_flight: in_flight,
+                        });
+                        Ok::<_, Infallible>(r)
+                    }
                 })
             };
             let mut b = auto::Builder::new(TokioExecutor::new());
@@ -121,7 +205,10 @@ pub async fn serve(
                     return;
                 }
             }
-            note_end(conn.await, &refused);
+            tokio::select! {
+                r = &mut conn => note_end(r, &refused),
+                _ = activity.idle_for(limits.idle_timeout) => refused("idle_timeout"),
+            }
         });
     }
 }

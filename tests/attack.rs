@@ -234,7 +234,9 @@ fn tls_connect(
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![alpn.to_vec()];
+    if !alpn.is_empty() {
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+    }
     let conn =
         rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
     let sock = TcpStream::connect(addr).unwrap();
@@ -243,7 +245,9 @@ fn tls_connect(
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock).unwrap();
     }
-    assert_eq!(s.conn.alpn_protocol(), Some(alpn));
+    if !alpn.is_empty() {
+        assert_eq!(s.conn.alpn_protocol(), Some(alpn));
+    }
     s
 }
 
@@ -437,15 +441,131 @@ fn clients_that_stop_reading_are_dropped() {
             "livepop_origin_refused_total{reason=\"write_timeout\"}",
         )),
     );
-    non_reader(
-        r.core.addr("admin"),
-        "/metrics",
-        3000,
-        Some((
-            r.core.addr("admin"),
-            "livepop_admin_refused_total{reason=\"write_timeout\"}",
-        )),
+    for admin in [r.core.addr("admin"), r.edge.addr("admin")] {
+        non_reader(
+            admin,
+            "/metrics",
+            3000,
+            Some((
+                admin,
+                "livepop_admin_refused_total{reason=\"write_timeout\"}",
+            )),
+        );
+    }
+    // HTTP/2 (h2c on 8080, and h2 over TLS on 8443): streams whose flow-control window the
+    // client never opens and a socket it never reads. Each stalled response is cut by the write
+    // timeout, then the connection by the idle deadline.
+    let deadline = Duration::from_millis(WRITE_MS + IDLE_MS) + SLACK;
+    let edge_admin = r.edge.addr("admin");
+    let cut = r#"livepop_edge_refused_total{reason="write_timeout"}"#;
+    let before = metric(edge_admin, cut);
+    let mut h2c = connect_small_window(http);
+    h2c.write_all(&h2_requests(&path, 20)).unwrap();
+    assert!(closed_by_peer(&mut h2c, deadline), "h2c non-reader kept");
+    // Every stream was answered and then cut by the write timeout (not refused as malformed).
+    wait_for("20 h2c streams cut", Duration::from_secs(5), || {
+        (metric(edge_admin, cut) >= before + 20.0).then_some(())
+    });
+    let mut h2 = tls_connect(&r.env, r.edge.addr("https"), b"h2");
+    h2.write_all(&h2_requests(&path, 20)).unwrap();
+    h2.flush().unwrap();
+    assert!(
+        tls_closed_within(&mut h2, Instant::now(), deadline),
+        "h2 non-reader kept"
     );
+    wait_for("20 h2 streams cut", Duration::from_secs(5), || {
+        (metric(edge_admin, cut) >= before + 40.0).then_some(())
+    });
+    // HTTP/1.1 over TLS: as on 8080.
+    let mut h1 = tls_connect(&r.env, r.edge.addr("https"), b"http/1.1");
+    h1.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    h1.flush().unwrap();
+    assert!(
+        tls_closed_within(&mut h1, Instant::now(), deadline),
+        "https non-reader kept"
+    );
+    r.check_honest();
+}
+
+/// Appends one HTTP/2 frame.
+fn h2_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The HTTP/2 connection preface, an empty SETTINGS, and `n` GET requests for `path` (each a
+/// HEADERS frame with END_STREAM, HPACK literals), as a client that then goes silent.
+fn h2_requests(path: &str, n: u32) -> Vec<u8> {
+    let frame = h2_frame;
+    assert!(path.len() < 127);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 4, 0, 0, &[]);
+    for i in 0..n {
+        // :method GET, :scheme http (static table), :path and :authority as literals.
+        let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
+        block.extend_from_slice(path.as_bytes());
+        block.extend_from_slice(&[0x41, 1, b'x']);
+        frame(&mut out, 1, 0x5, 1 + 2 * i, &block);
+    }
+    out
+}
+
+/// RTMP and RTMPS peers that pipeline commands and never read the answers: whether the
+/// ingest's writes block first (cut by `rtmp.write_timeout_ms`) or not, the connection is gone
+/// by the publish deadline, and counted.
+#[test]
+fn rtmp_clients_that_stop_reading_are_dropped() {
+    let r = rig(14, "");
+    let admin = r.edge.addr("admin");
+    let ended = || {
+        metric(
+            admin,
+            r#"livepop_ingest_errors_total{reason="write_timeout"}"#,
+        ) + metric(
+            admin,
+            r#"livepop_ingest_rejected_total{reason="publish_timeout"}"#,
+        )
+    };
+    // connect(1, {app: "live"}): each one answered with window size, bandwidth and _result.
+    let mut obj = vec![0x03, 0, 3];
+    obj.extend_from_slice(b"app");
+    obj.extend_from_slice(&[0x02, 0, 4]);
+    obj.extend_from_slice(b"live");
+    obj.extend_from_slice(&[0, 0, 9]);
+    let connect = livepop::ingest::amf0::nest::command("connect", &obj);
+    let one = livepop::ingest::chunk::write::message(3, 0, 20, 0, &connect, 128);
+    let wire = one.repeat(20_000);
+    for (i, scheme) in ["rtmp", "rtmps"].into_iter().enumerate() {
+        let addr = r.edge.addr(scheme);
+        let since = Instant::now();
+        let closed = if scheme == "rtmp" {
+            let mut s = connect_small_window(addr);
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            rtmp_handshake_over(&mut s);
+            s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+            let _ = s.write_all(&wire);
+            closed_within(&mut s, since, Duration::from_millis(PUBLISH_MS) + SLACK)
+        } else {
+            let mut s = tls_connect(&r.env, addr, b"");
+            rtmp_handshake_over(&mut s);
+            s.sock
+                .set_write_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            let _ = s.write_all(&wire);
+            let _ = s.flush();
+            tls_closed_within(&mut s, since, Duration::from_millis(PUBLISH_MS) + SLACK)
+        };
+        assert!(
+            closed,
+            "{scheme}: a peer that does not read kept its connection"
+        );
+        wait_for("the cut counted", Duration::from_secs(5), || {
+            (ended() >= (i + 1) as f64).then_some(())
+        });
+    }
     r.check_honest();
 }
 
@@ -989,5 +1109,29 @@ fn one_viewer_address_cannot_take_every_slot() {
         "{answer}"
     );
     drop(held);
+    r.check_honest();
+}
+
+/// An h2c connection to the origin that made one request and then only sends PINGs: closed at
+/// the idle deadline, since only requests count as activity.
+#[test]
+fn http2_pings_do_not_keep_an_origin_connection_open() {
+    let r = rig(14, "");
+    let mut s = TcpStream::connect(r.core.addr("origin")).unwrap();
+    s.write_all(&h2_requests("/live/streams.json", 1)).unwrap();
+    let since = Instant::now();
+    let mut ping = vec![];
+    h2_frame(&mut ping, 6, 0, 0, &[0; 8]);
+    let mut closed = false;
+    while since.elapsed() < Duration::from_millis(IDLE_MS) + SLACK {
+        if s.write_all(&ping).is_err() || closed_by_peer(&mut s, Duration::from_millis(300)) {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "PINGs kept an idle h2 connection open");
+    assert!(since.elapsed() >= Duration::from_millis(IDLE_MS) - Duration::from_millis(300));
+    let idle = r#"livepop_origin_refused_total{reason="idle_timeout"}"#;
+    assert!(metric(r.core.addr("admin"), idle) >= 1.0);
     r.check_honest();
 }

@@ -667,23 +667,32 @@ fn send_results(s: &mut TcpStream, results: Vec<ClientSessionResult>) -> Vec<Cli
 pub fn rtmp_handshake(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let rest = rtmp_handshake_over(&mut s);
+    (s, rest)
+}
+
+/// Completes the RTMP handshake (client side) over `s`; returns the bytes read past it.
+pub fn rtmp_handshake_over(s: &mut (impl Read + Write)) -> Vec<u8> {
     let mut hs = Handshake::new(PeerType::Client);
     s.write_all(&hs.generate_outbound_p0_and_p1().unwrap())
         .unwrap();
+    s.flush().unwrap();
     let mut buf = [0u8; 4096];
     loop {
         let n = s.read(&mut buf).unwrap();
         assert!(n > 0, "server closed during handshake");
         match hs.process_bytes(&buf[..n]).unwrap() {
             HandshakeProcessResult::InProgress { response_bytes } => {
-                s.write_all(&response_bytes).unwrap()
+                s.write_all(&response_bytes).unwrap();
+                s.flush().unwrap();
             }
             HandshakeProcessResult::Completed {
                 response_bytes,
                 remaining_bytes,
             } => {
                 s.write_all(&response_bytes).unwrap();
-                return (s, remaining_bytes);
+                s.flush().unwrap();
+                return remaining_bytes;
             }
         }
     }
