@@ -43,6 +43,8 @@ const HEADER_MS: u64 = 1000;
 const IDLE_MS: u64 = 5000;
 const WRITE_MS: u64 = 2000;
 const PUBLISH_MS: u64 = 2500;
+/// The edge's cache budget (playback.cache_bytes).
+const CACHE_BYTES: u64 = 32 << 20;
 /// The RTMP handshake deadline `edge_config` writes.
 const HANDSHAKE_MS: u64 = 2000;
 /// Slack for a deadline to be noticed on a 2-core machine busy with 1,000 viewers.
@@ -84,7 +86,13 @@ fn start(env: &Env) -> (Proc, Proc) {
     let core = Proc::start_quiet("core", &["core", "--config", cfg.to_str().unwrap()]);
     let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
     opts.origins = vec![core.addr("origin")];
-    opts.extra_playback = limits_block(HEADER_MS, IDLE_MS, WRITE_MS);
+    // Segments are cached for a day (max-age=86400) until the LRU budget evicts them: with
+    // the default 512 MiB budget the cache would fill for the whole run and its growth would
+    // hide (or pass for) a leak. A small budget is reached within the warm-up.
+    opts.extra_playback = format!(
+        "cache_bytes = {CACHE_BYTES}\n{}",
+        limits_block(HEADER_MS, IDLE_MS, WRITE_MS)
+    );
     // Every client here comes from 127.0.0.1, so the per-source RTMP cap (tests/attack.rs
     // checks it) is off: the attackers must not lock the honest publishers out.
     opts.extra_rtmp = format!(
