@@ -413,16 +413,9 @@ fn start_attacks(tg: Targets, stop: &Arc<AtomicBool>) -> Attacks {
 
     // (a) 200,000 levels of each container kind, in command and data messages of every AMF0
     // type, right after the handshake; and, after a valid publish, onMetaData 100,000 deep.
-    type Make = fn(usize) -> Vec<u8>;
-    let kinds: [Make; 4] = [
-        nest::strict_arrays,
-        nest::objects,
-        nest::ecma_arrays,
-        nest::mixed,
-    ];
     let mut bodies: Vec<(u8, Vec<u8>)> = vec![];
     for type_id in [20u8, 18, 17, 15] {
-        for make in kinds {
+        for make in nest::KINDS {
             let name = if matches!(type_id, 17 | 20) {
                 "connect"
             } else {

@@ -184,15 +184,8 @@ fn deeply_nested_amf0_ends_only_that_connection() {
     let r = rig(14, "");
     let addr = r.edge.addr("rtmp");
     // 200,000 levels of each container kind, in command and data messages of every AMF0 type.
-    type Make = fn(usize) -> Vec<u8>;
-    let kinds: [Make; 4] = [
-        nest::strict_arrays,
-        nest::objects,
-        nest::ecma_arrays,
-        nest::mixed,
-    ];
     for type_id in [20u8, 18, 17, 15] {
-        for make in kinds {
+        for make in nest::KINDS {
             let body = if matches!(type_id, 17 | 20) {
                 nest::command("connect", &make(200_000))
             } else {

@@ -114,13 +114,7 @@ fn stream_keys_appear_nowhere_livepop_writes() {
         message_is(v, "publish finished")
     });
     // The demo's test source reaches its stream.
-    let demo_admin: std::net::SocketAddr = demo.wait_log(Duration::from_secs(20), |v| {
-        v["fields"]["listener"] == "admin" && message_is(v, "edge listening")
-    })["fields"]["addr"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let demo_admin = demo_edge_admin(&demo);
     wait_for(
         "the demo's test source publishing",
         Duration::from_secs(30),

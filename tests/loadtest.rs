@@ -107,13 +107,7 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
         &["--key", "load1=load-key-1", "--key", "load2=load-key-2"],
     );
     let (http, https, rtmp) = (demo.addr("http"), demo.addr("https"), demo.addr("rtmp"));
-    let admin: SocketAddr = demo.wait_log(Duration::from_secs(20), |v| {
-        v["fields"]["listener"] == "admin" && message_is(v, "edge listening")
-    })["fields"]["addr"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let admin = demo_edge_admin(&demo);
 
     let pubs_json = env.path().join("publishers.json");
     let publishers = loadtest(&[

@@ -182,6 +182,9 @@ pub fn check(data: &[u8], max_depth: usize) -> Result<usize, Amf0Error> {
 /// Test inputs: nestings of every container kind, for unit tests, the attack tests and the fuzz
 /// seeds.
 pub mod nest {
+    /// Every container kind below, for tests and benchmarks that try them all.
+    pub const KINDS: [fn(usize) -> Vec<u8>; 4] = [strict_arrays, objects, ecma_arrays, mixed];
+
     /// `levels` strict arrays of one element each, around a number.
     pub fn strict_arrays(levels: usize) -> Vec<u8> {
         let mut v = Vec::with_capacity(levels * 5 + 9);

@@ -963,6 +963,18 @@ pub fn start_demo(env: &Env, extra: &[&str]) -> Proc {
     Proc::start("demo", &args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
+/// The address of a `livepop demo`'s edge admin port (the demo has two admin listeners, so
+/// `Proc::addr` cannot tell them apart), waited for in its log.
+pub fn demo_edge_admin(demo: &Proc) -> SocketAddr {
+    demo.wait_log(Duration::from_secs(20), |v| {
+        v["fields"]["listener"] == "admin" && message_is(v, "edge listening")
+    })["fields"]["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// `livepop demo` arguments: every listener on port 0, data in the test directory.
 pub fn demo_args(env: &Env, extra: &[&str]) -> Vec<String> {
     let dir = env.path().join("demo");
