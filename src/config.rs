@@ -124,6 +124,20 @@ pub enum DuplicatePolicy {
     Replace,
 }
 
+/// The QUIC relay's congestion controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// Model-based (bottleneck bandwidth and RTT): keeps its rate through random loss, so a
+    /// long-haul path with 1–5% loss carries what its capacity allows.
+    #[default]
+    Bbr,
+    /// Loss-based; its rate falls with the square root of the loss rate.
+    Cubic,
+    /// Loss-based, Reno-style.
+    Newreno,
+}
+
 /// Plain RTMP ingest and the limits that apply to every RTMP(S) connection.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -282,6 +296,18 @@ pub struct EdgeRelayConfig {
     /// Bytes of not-yet-sent media kept per stream; older groups of pictures are skipped.
     #[serde(default = "default_relay_buffer")]
     pub max_buffered_bytes: usize,
+    /// Congestion controller of the connections to cores.
+    #[serde(default)]
+    pub congestion: Congestion,
+    /// A group of pictures whose turn to be sent comes more than this after its keyframe
+    /// arrived is skipped whole, unless it is the newest (milliseconds): the live latency the
+    /// relay may add when the path cannot carry the stream.
+    #[serde(default = "default_skip_after")]
+    pub skip_after_ms: u64,
+}
+
+fn default_skip_after() -> u64 {
+    1000
 }
 
 fn default_keepalive() -> u64 {
@@ -529,6 +555,18 @@ pub struct CoreRelayConfig {
     /// Relay streams (one per group and track in flight) one edge connection may hold open.
     #[serde(default = "default_open_streams")]
     pub max_open_streams: u32,
+    /// How long frames of a newer group wait for an older group still being received, e.g.
+    /// its tail being retransmitted on a lossy path (milliseconds). Past it the older group's
+    /// rest is given up. The edge sends groups in order, so this is a bound, rarely reached.
+    #[serde(default = "default_reorder_wait")]
+    pub reorder_wait_ms: u64,
+    /// Congestion controller (the core sends little: acknowledgements and control messages).
+    #[serde(default)]
+    pub congestion: Congestion,
+}
+
+fn default_reorder_wait() -> u64 {
+    1500
 }
 
 fn default_resume_grace() -> u64 {
@@ -958,6 +996,9 @@ impl EdgeConfig {
                 "must be above 0 and at most relay.reconnect_max_ms",
             ));
         }
+        if !(100..=60_000).contains(&r.skip_after_ms) {
+            return Err(err(file, "relay.skip_after_ms", "must be 100 to 60000"));
+        }
         Ok(())
     }
 }
@@ -987,6 +1028,9 @@ impl CoreConfig {
         check_file(file, "relay.client_ca", &base, &mut self.relay.client_ca)?;
         if self.relay.idle_timeout_ms < 100 {
             return Err(err(file, "relay.idle_timeout_ms", "must be at least 100"));
+        }
+        if !(50..=60_000).contains(&self.relay.reorder_wait_ms) {
+            return Err(err(file, "relay.reorder_wait_ms", "must be 50 to 60000"));
         }
         if let Some(r) = &mut self.record {
             r.dir = resolve(&base, &r.dir);

@@ -63,6 +63,8 @@ impl Position {
 pub struct Rendition {
     /// Path segment in URLs.
     pub name: String,
+    /// The stream's name (for metrics).
+    stream: String,
     packager: Mutex<Packager>,
     version: watch::Sender<Position>,
     rendered: Mutex<HashMap<bool, (u64, Bytes)>>,
@@ -124,6 +126,15 @@ impl Rendition {
         let (changed, dropped) = {
             let mut p = self.lock();
             let changed = p.push(f, now_ms());
+            let (media, gap) = p.take_parts();
+            for (n, kind) in [(media, "no"), (gap, "yes")] {
+                if n > 0 {
+                    metrics
+                        .parts
+                        .with_label_values(&[&self.stream, &self.name, kind])
+                        .inc_by(n);
+                }
+            }
             (changed, p.take_dropped())
         };
         for (reason, n) in dropped {
@@ -468,6 +479,7 @@ impl Origin {
         let rendition = |name: &str, info: StreamInfo| {
             Arc::new(Rendition {
                 name: name.into(),
+                stream: stream.name.clone(),
                 packager: Mutex::new(Packager::new(
                     self.packager_config(),
                     info.clone(),

@@ -105,6 +105,8 @@ pub struct Packager {
     part_bytes: usize,
     /// Frames dropped by a bound since the caller last took the counts, by reason.
     dropped: Vec<(&'static str, u64)>,
+    /// Parts made since `take_parts`: (media, GAP).
+    new_parts: (u64, u64),
     /// The playlist model.
     pub playlist: MediaPlaylist,
     seg_start_dts: Option<i64>,
@@ -172,6 +174,7 @@ impl Packager {
             audio_q_bytes: 0,
             part_bytes: 0,
             dropped: vec![],
+            new_parts: (0, 0),
             seg_start_dts: None,
             next_msn: first_msn,
             fragment_seq: 1,
@@ -302,6 +305,11 @@ impl Packager {
             }
             TrackKind::Video => self.push_video(f, now_ms),
         }
+    }
+
+    /// Parts made since the last call: (with media, GAP parts).
+    pub fn take_parts(&mut self) -> (u64, u64) {
+        std::mem::take(&mut self.new_parts)
     }
 
     /// Frames dropped by a bound since the last call, by reason (for a metric and a log line).
@@ -535,6 +543,7 @@ impl Packager {
             return;
         };
         let idx = seg.parts.len() as u64;
+        self.new_parts.1 += 1;
         seg.parts.push(Part {
             duration: (end - start) as f64 / 1000.0,
             independent: false,
@@ -649,6 +658,7 @@ impl Packager {
         };
         let idx = seg.parts.len() as u64;
         let duration = (end - start) as f64 / 1000.0;
+        self.new_parts.0 += 1;
         seg.parts.push(Part {
             duration,
             independent,

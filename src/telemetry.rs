@@ -4,8 +4,8 @@
 //! Each role has its own registry so that `livepop demo` can serve both on their own admin ports.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// Installs the tracing subscriber: human-readable, or one JSON object per line.
@@ -42,6 +42,11 @@ fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeV
     r.register(Box::new(g.clone())).expect("unique metric");
     g
 }
+fn float_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
 
 /// Latency buckets from 0.1 ms to 10 s, fine enough for percentile estimates in benchmarks.
 const DELAY_BUCKETS: [f64; 28] = [
@@ -68,12 +73,31 @@ pub struct EdgeMetrics {
     pub ingest_bytes: IntCounter,
     /// Frames written to a core.
     pub relay_frames_sent: IntCounterVec,
-    /// Groups abandoned because the relay fell behind or a core went away.
+    /// Groups of pictures not relayed whole, by reason (behind, evicted).
     pub relay_groups_skipped: IntCounterVec,
     /// 1 while the QUIC connection to a core is up.
     pub relay_core_up: IntGaugeVec,
     /// Connection attempts to cores that failed.
     pub relay_connect_failures: IntCounterVec,
+    /// Per core link, sampled from QUIC: smoothed RTT (s).
+    pub relay_link_rtt: GaugeVec,
+    /// Per core link: congestion window (bytes).
+    pub relay_link_cwnd: IntGaugeVec,
+    /// Per core link: bytes the relay may hand QUIC ahead of acknowledgements (the send window,
+    /// kept near the congestion window so that a backlog stays where groups can be skipped).
+    pub relay_link_send_window: IntGaugeVec,
+    /// Per core link: fraction of packets lost over the last sampling interval.
+    pub relay_link_loss: GaugeVec,
+    /// Per core link: UDP bits per second sent over the last sampling interval.
+    pub relay_link_throughput: GaugeVec,
+    /// Per core link: packets sent.
+    pub relay_link_sent_packets: IntCounterVec,
+    /// Per core link: packets declared lost.
+    pub relay_link_lost_packets: IntCounterVec,
+    /// Per core link: UDP bytes sent.
+    pub relay_link_sent_bytes: IntCounterVec,
+    /// Per core link: congestion events (window reductions).
+    pub relay_link_congestion_events: IntCounterVec,
     /// Playback requests by object kind and how the cache answered them.
     pub http_requests: IntCounterVec,
     /// Requests sent to a core's origin, by object kind and response status.
@@ -133,8 +157,8 @@ impl EdgeMetrics {
             relay_groups_skipped: counter_vec(
                 &r,
                 "livepop_relay_groups_skipped_total",
-                "Groups of pictures abandoned (relay behind or core lost)",
-                &["stream"],
+                "Groups of pictures not relayed whole: skipped because the path to the core fell behind (behind), or dropped from the edge's buffer before they were sent (evicted)",
+                &["stream", "reason"],
             ),
             relay_core_up: gauge_vec(
                 &r,
@@ -146,6 +170,60 @@ impl EdgeMetrics {
                 &r,
                 "livepop_relay_connect_failures_total",
                 "Failed connection attempts to a core",
+                &["core"],
+            ),
+            relay_link_rtt: float_gauge_vec(
+                &r,
+                "livepop_relay_link_rtt_seconds",
+                "Smoothed round-trip time of the QUIC connection to the core",
+                &["core"],
+            ),
+            relay_link_cwnd: gauge_vec(
+                &r,
+                "livepop_relay_link_cwnd_bytes",
+                "Congestion window of the QUIC connection to the core",
+                &["core"],
+            ),
+            relay_link_send_window: gauge_vec(
+                &r,
+                "livepop_relay_link_send_window_bytes",
+                "Bytes the relay may hand QUIC ahead of acknowledgements",
+                &["core"],
+            ),
+            relay_link_loss: float_gauge_vec(
+                &r,
+                "livepop_relay_link_loss_ratio",
+                "Fraction of packets lost to the core over the last second",
+                &["core"],
+            ),
+            relay_link_throughput: float_gauge_vec(
+                &r,
+                "livepop_relay_link_throughput_bits_per_second",
+                "UDP bits per second sent to the core over the last second",
+                &["core"],
+            ),
+            relay_link_sent_packets: counter_vec(
+                &r,
+                "livepop_relay_link_sent_packets_total",
+                "QUIC packets sent to the core",
+                &["core"],
+            ),
+            relay_link_lost_packets: counter_vec(
+                &r,
+                "livepop_relay_link_lost_packets_total",
+                "QUIC packets to the core declared lost",
+                &["core"],
+            ),
+            relay_link_sent_bytes: counter_vec(
+                &r,
+                "livepop_relay_link_sent_bytes_total",
+                "UDP bytes sent to the core",
+                &["core"],
+            ),
+            relay_link_congestion_events: counter_vec(
+                &r,
+                "livepop_relay_link_congestion_events_total",
+                "Congestion events on the QUIC connection to the core",
                 &["core"],
             ),
             http_requests: counter_vec(
@@ -256,6 +334,9 @@ pub struct CoreMetrics {
     /// Admin connections refused or cut off, by reason.
     pub admin_refused: IntCounterVec,
     /// Media dropped because a per-stream buffer reached its bound, by reason.
+    /// LL-HLS parts made, by stream, rendition and whether they are GAP parts (media lost
+    /// upstream).
+    pub parts: IntCounterVec,
     pub media_dropped: IntCounterVec,
 }
 
@@ -387,6 +468,12 @@ impl CoreMetrics {
                 &["reason"],
             ),
             admin_refused: admin_refused(&r),
+            parts: counter_vec(
+                &r,
+                "livepop_core_parts_total",
+                "LL-HLS parts made, by stream, rendition and gap (yes: a GAP part standing for media that never arrived)",
+                &["stream", "rendition", "gap"],
+            ),
             media_dropped: counter_vec(
                 &r,
                 "livepop_core_media_dropped_total",

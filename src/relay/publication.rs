@@ -67,6 +67,8 @@ pub struct Group {
     pins: usize,
     /// Arrival time of the frame that closed it (µs since the epoch).
     closed_at_us: u64,
+    /// Arrival time of its first frame (µs since the epoch).
+    opened_at_us: u64,
 }
 
 impl Group {
@@ -89,7 +91,8 @@ struct State {
     ever_sent: bool,
     evicted_unsent: u64,
     /// Groups below this have been handed to a sender (pinned) or skipped by it.
-    reached: u64,
+    /// Per track (video, audio): the sender has dealt with every group before this one.
+    reached: [u64; 2],
     /// Arrival time of the newest frame.
     newest_arrival_us: u64,
 }
@@ -251,6 +254,7 @@ impl Publication {
                 bytes: 0,
                 pins: 0,
                 closed_at_us: 0,
+                opened_at_us: now_us,
             });
         }
         // A video frame that is not a keyframe joins the open group: if that group began with
@@ -287,7 +291,7 @@ impl Publication {
     fn evict(s: &mut State, max_bytes: usize) {
         if s.ever_sent {
             let newest = s.groups.back().map(|g| g.seq);
-            let reached = s.reached;
+            let reached = s.reached[0].min(s.reached[1]);
             let mut freed = 0;
             s.groups.retain(|g| {
                 let keep = g.pins > 0 || !g.closed || Some(g.seq) == newest || g.seq >= reached;
@@ -320,11 +324,22 @@ impl Publication {
         match s.groups.iter_mut().find(|g| g.seq == seq) {
             Some(g) => {
                 g.pins += 1;
-                s.reached = s.reached.max(seq + 1);
                 true
             }
             None => false,
         }
+    }
+
+    /// The sender has dealt with every group before `seq` for `track` (pinned it for a
+    /// writer, or skipped it): groups both tracks passed are dropped once no writer pins them.
+    pub fn reach(&self, track: TrackKind, seq: u64) {
+        let mut s = self.lock();
+        let t = match track {
+            TrackKind::Video => 0,
+            TrackKind::Audio => 1,
+        };
+        s.reached[t] = s.reached[t].max(seq);
+        Self::evict(&mut s, self.max_bytes);
     }
 
     /// A writer is done with group `seq`.
@@ -403,11 +418,20 @@ impl Publication {
             s.groups.back()
         };
         let start = held.map_or(s.next_seq, |g| g.seq);
-        s.reached = start;
+        s.reached = [start, start];
         start
     }
 
     /// The config version a group decodes with, if the group is held.
+    /// When group `seq`'s first frame arrived (µs since the epoch), if it is held.
+    pub fn group_opened_us(&self, seq: u64) -> Option<u64> {
+        let s = self.lock();
+        s.groups
+            .iter()
+            .find(|g| g.seq == seq)
+            .map(|g| g.opened_at_us)
+    }
+
     pub fn group_config_version(&self, seq: u64) -> Option<u64> {
         let s = self.lock();
         s.groups
@@ -604,12 +628,21 @@ mod tests {
         p.push(f(TrackKind::Video, 0, true, 10));
         assert_eq!(p.start_seq(), 0);
         assert!(p.pin(0));
+        p.reach(TrackKind::Audio, 1);
+        p.reach(TrackKind::Video, 1);
         p.push(f(TrackKind::Video, 2000, true, 10));
         p.push(f(TrackKind::Video, 4000, true, 10));
         // Nothing is dropped before the sender reached it.
         assert_eq!(p.groups_held(), 3);
         assert!(p.pin(1));
         p.unpin(1);
+        p.reach(TrackKind::Audio, 2);
+        assert_eq!(
+            p.groups_held(),
+            3,
+            "audio done first does not drop the group"
+        );
+        p.reach(TrackKind::Video, 2);
         // Group 0 is still pinned by its writer; group 1 is done.
         p.push(f(TrackKind::Video, 4033, false, 10));
         assert_eq!(p.snapshot().groups, Some((0, 2)));

@@ -65,10 +65,9 @@ pub struct LiveStream {
     groups_done: Notify,
     /// Woken when a codec configuration version arrives.
     info_added: Notify,
+    reorder_wait_us: u64,
 }
 
-/// How long frames of a newer group wait for an older group's stream to finish.
-const REORDER_WAIT_US: u64 = 500_000;
 /// Bytes of partly received frames one edge connection may hold across its group streams
 /// (received data is out of QUIC's flow control once read).
 const MAX_CONN_BUFFERED: usize = 256 << 20;
@@ -86,6 +85,8 @@ pub struct AnnouncePolicy {
     pub on_duplicate: DuplicatePolicy,
     /// Live streams per edge node id.
     pub max_streams_per_edge: usize,
+    /// How long frames of a newer group wait for an older group's stream to finish (µs).
+    pub reorder_wait_us: u64,
 }
 
 impl Default for AnnouncePolicy {
@@ -93,6 +94,7 @@ impl Default for AnnouncePolicy {
         AnnouncePolicy {
             on_duplicate: DuplicatePolicy::Reject,
             max_streams_per_edge: usize::MAX,
+            reorder_wait_us: 1_500_000,
         }
     }
 }
@@ -179,7 +181,7 @@ impl LiveStream {
         for (i, track) in [TrackKind::Video, TrackKind::Audio].into_iter().enumerate() {
             match &mut s.order[i] {
                 Some(o) => o.restart(start, &mut out),
-                None => s.order[i] = Some(TrackOrder::new(track, start, REORDER_WAIT_US)),
+                None => s.order[i] = Some(TrackOrder::new(track, start, self.reorder_wait_us)),
             }
         }
         self.send_frames(out);
@@ -195,7 +197,8 @@ impl LiveStream {
         let t = track_index(frame.track);
         let track = frame.track;
         let mut out = vec![];
-        let order = s.order[t].get_or_insert_with(|| TrackOrder::new(track, seq, REORDER_WAIT_US));
+        let wait = self.reorder_wait_us;
+        let order = s.order[t].get_or_insert_with(|| TrackOrder::new(track, seq, wait));
         let v = order.offer(seq, idx, frame, now_us, &mut out);
         let n = out.len();
         self.send_frames(out);
@@ -324,6 +327,7 @@ impl StreamTable {
             tx,
             groups_done: Notify::new(),
             info_added: Notify::new(),
+            reorder_wait_us: policy.reorder_wait_us,
         });
         m.insert(name.to_string(), s.clone());
         drop(m);
@@ -441,8 +445,11 @@ impl CoreRelay {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| anyhow!("relay TLS config unusable for QUIC: {e}"))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        let mut transport =
-            super::sender::transport(None, Duration::from_millis(cfg.idle_timeout_ms))?;
+        let mut transport = super::sender::transport(
+            None,
+            Duration::from_millis(cfg.idle_timeout_ms),
+            cfg.congestion,
+        )?;
         transport.max_concurrent_uni_streams(cfg.max_open_streams.into());
         server.transport_config(Arc::new(transport));
         let addr = cfg.listen.parse().context("relay.listen")?;
@@ -457,6 +464,7 @@ impl CoreRelay {
             policy: AnnouncePolicy {
                 on_duplicate: cfg.on_duplicate,
                 max_streams_per_edge: cfg.max_streams_per_edge,
+                reorder_wait_us: cfg.reorder_wait_ms * 1000,
             },
             edges: Mutex::new(HashMap::new()),
         })
@@ -695,16 +703,18 @@ impl CoreRelay {
                 }) {
                     Ok(s) => {
                         s.add_info(a.config_version, a.info);
-                        let fresh = ctx
-                            .streams
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(a.stream_id, s.clone())
-                            .is_none();
-                        if fresh {
+                        let mut streams = ctx.streams.lock().unwrap_or_else(|p| p.into_inner());
+                        if let std::collections::hash_map::Entry::Vacant(e) =
+                            streams.entry(a.stream_id)
+                        {
                             info!(stream = %a.name, epoch = a.epoch, start = a.start_seq, "stream announced");
+                            // Before group readers can find the stream: a reader offering a
+                            // later group first would otherwise start the order there, and the
+                            // start group's frames would be late.
                             s.restart(a.start_seq);
+                            e.insert(s.clone());
                         }
+                        drop(streams);
                         ctx.announced.notify_waiters();
                     }
                     Err((label, reason)) => {

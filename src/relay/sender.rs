@@ -9,7 +9,7 @@
 
 use super::publication::{Publication, Publications, Read};
 use super::wire::{self, Announce, Control, GroupHeader};
-use crate::config::EdgeRelayConfig;
+use crate::config::{Congestion, EdgeRelayConfig};
 use crate::media::TrackKind;
 use crate::shutdown::Shutdown;
 use crate::telemetry::EdgeMetrics;
@@ -55,7 +55,11 @@ pub struct EdgeRelay {
 }
 
 /// QUIC transport settings shared by both ends.
-pub fn transport(keepalive: Option<Duration>, idle: Duration) -> Result<quinn::TransportConfig> {
+pub fn transport(
+    keepalive: Option<Duration>,
+    idle: Duration,
+    congestion: Congestion,
+) -> Result<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(keepalive);
     t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(idle)?));
@@ -64,8 +68,37 @@ pub fn transport(keepalive: Option<Duration>, idle: Duration) -> Result<quinn::T
     t.max_concurrent_bidi_streams(4u32.into());
     t.stream_receive_window((8u32 * 1024 * 1024).into());
     t.receive_window((64u32 * 1024 * 1024).into());
-    t.send_window(64 * 1024 * 1024);
+    // The edge lowers this to follow the congestion window once connected (`watch_link`).
+    t.send_window(MAX_SEND_WINDOW);
+    match congestion {
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        Congestion::Newreno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
+    };
     Ok(t)
+}
+
+/// Bounds of the send window the edge keeps near twice the congestion window: what QUIC holds
+/// unsent is then a fraction of a second, and a backlog stays in the publication's buffer,
+/// where the sender can still skip whole groups.
+const MIN_SEND_WINDOW: u64 = 64 * 1024;
+const MAX_SEND_WINDOW: u64 = 64 * 1024 * 1024;
+
+/// Priority of a group's stream: audio above every video group; within a track older groups
+/// first, so that retransmissions of the group the core is waiting for are never queued
+/// behind newer data.
+fn priority(track: TrackKind, seq: u64) -> i32 {
+    let older_first = -((seq % (1 << 29)) as i32);
+    match track {
+        TrackKind::Audio => older_first + (1 << 30),
+        TrackKind::Video => older_first,
+    }
 }
 
 impl EdgeRelay {
@@ -83,6 +116,7 @@ impl EdgeRelay {
         client.transport_config(Arc::new(transport(
             Some(Duration::from_millis(cfg.keepalive_ms)),
             Duration::from_millis(cfg.idle_timeout_ms),
+            cfg.congestion,
         )?));
         let bind: SocketAddr = if cfg
             .cores
@@ -215,6 +249,7 @@ impl EdgeRelay {
                     let reason = tokio::select! {
                         e = conn.closed() => e.to_string(),
                         _ = drain => unreachable!(),
+                        _ = self.watch_link(&link.id, &conn) => unreachable!(),
                     };
                     warn!(%reason, "connection to core lost");
                     up.set(0);
@@ -233,6 +268,70 @@ impl EdgeRelay {
             let jitter = rand::random::<f64>() * 0.2 + 0.9;
             tokio::time::sleep(delay.mul_f64(jitter)).await;
             delay = (delay * 2).min(max);
+        }
+    }
+
+    /// Samples the connection's path: keeps the send window near twice the congestion window
+    /// and exports RTT, congestion window, loss and throughput, so that an operator sees why a
+    /// link falls behind.
+    async fn watch_link(&self, core: &str, conn: &quinn::Connection) {
+        let m = &self.metrics;
+        let l = [core];
+        let (rtt, cwnd, window, loss, rate) = (
+            m.relay_link_rtt.with_label_values(&l),
+            m.relay_link_cwnd.with_label_values(&l),
+            m.relay_link_send_window.with_label_values(&l),
+            m.relay_link_loss.with_label_values(&l),
+            m.relay_link_throughput.with_label_values(&l),
+        );
+        let (sent_packets, lost_packets, sent_bytes, events) = (
+            m.relay_link_sent_packets.with_label_values(&l),
+            m.relay_link_lost_packets.with_label_values(&l),
+            m.relay_link_sent_bytes.with_label_values(&l),
+            m.relay_link_congestion_events.with_label_values(&l),
+        );
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prev = conn.stats();
+        let mut second = (prev, std::time::Instant::now());
+        let mut last_rate = 0u64;
+        loop {
+            tick.tick().await;
+            let st = conn.stats();
+            // Two congestion windows, or a quarter second at the rate of the last second
+            // (BBR's window is small on a short path, where delayed acknowledgements would
+            // then throttle the sender; this lets the window grow with what is sent).
+            let w = (2 * st.path.cwnd)
+                .max(last_rate / 4)
+                .clamp(MIN_SEND_WINDOW, MAX_SEND_WINDOW);
+            conn.set_send_window(w);
+            sent_packets.inc_by(st.path.sent_packets.saturating_sub(prev.path.sent_packets));
+            lost_packets.inc_by(st.path.lost_packets.saturating_sub(prev.path.lost_packets));
+            sent_bytes.inc_by(st.udp_tx.bytes.saturating_sub(prev.udp_tx.bytes));
+            events.inc_by(
+                st.path
+                    .congestion_events
+                    .saturating_sub(prev.path.congestion_events),
+            );
+            prev = st;
+            let dt = second.1.elapsed().as_secs_f64();
+            if dt >= 1.0 {
+                let (s0, _) = second;
+                let sent = st.path.sent_packets.saturating_sub(s0.path.sent_packets);
+                let lost = st.path.lost_packets.saturating_sub(s0.path.lost_packets);
+                loss.set(if sent == 0 {
+                    0.0
+                } else {
+                    lost as f64 / sent as f64
+                });
+                let bytes_per_s = st.udp_tx.bytes.saturating_sub(s0.udp_tx.bytes) as f64 / dt;
+                last_rate = bytes_per_s as u64;
+                rate.set(bytes_per_s * 8.0);
+                rtt.set(st.path.rtt.as_secs_f64());
+                cwnd.set(st.path.cwnd as i64);
+                window.set(w as i64);
+                second = (st, std::time::Instant::now());
+            }
         }
     }
 
@@ -388,8 +487,23 @@ impl EdgeRelay {
         let mut rx = p.subscribe();
         let mut announced = 0;
         let start_seq = p.start_seq();
-        let mut next_seq = start_seq;
+        let mut next_audio = start_seq;
         let mut writers = JoinSet::new();
+        // Video goes one group at a time, in order: what the path cannot take yet waits in the
+        // publication, where a group can still be skipped whole.
+        writers.spawn(
+            VideoSender {
+                conn: lc.conn.clone(),
+                p: p.clone(),
+                stream_id,
+                skip_after_us: self.cfg.skip_after_ms * 1000,
+                metrics: self.metrics.clone(),
+                finishing: JoinSet::new(),
+                last_warn: None,
+                skipped_since_warn: 0,
+            }
+            .run(start_seq),
+        );
         loop {
             let snap = p.snapshot();
             if snap.info_version != announced {
@@ -407,26 +521,52 @@ impl EdgeRelay {
                 .await?;
                 announced = snap.info_version;
             }
+            // Audio: a stream per group as soon as it opens, above all video.
             if let Some((oldest, newest)) = snap.groups {
-                // Groups evicted before this sender reached them are skipped.
-                next_seq = next_seq.max(oldest);
-                while next_seq <= newest {
-                    for track in [TrackKind::Audio, TrackKind::Video] {
-                        // Pin now, before the task runs, so the group cannot be dropped first.
-                        if !p.pin(next_seq) {
-                            continue;
-                        }
+                // Groups dropped before their audio writer started still get a stream, so
+                // that the core does not wait for them.
+                for seq in next_audio.max(oldest.saturating_sub(MAX_SKIP_NOTICES))..oldest {
+                    let s = empty_group(&lc.conn, p, stream_id, seq, TrackKind::Audio).await?;
+                    writers.spawn(async move {
+                        let _ = s.stopped().await;
+                        Ok(())
+                    });
+                }
+                next_audio = next_audio.max(oldest);
+                while next_audio <= newest {
+                    // Pin now, before the task runs, so the group cannot be dropped first.
+                    if p.pin(next_audio) {
                         let w = GroupWriter {
                             conn: lc.conn.clone(),
                             p: p.clone(),
                             stream_id,
-                            seq: next_seq,
-                            track,
+                            seq: next_audio,
+                            track: TrackKind::Audio,
                             metrics: self.metrics.clone(),
                         };
-                        writers.spawn(w.run());
+                        writers.spawn(async move {
+                            let s = w.write().await;
+                            w.p.unpin(w.seq);
+                            match s? {
+                                Some(s) => {
+                                    // Wait until the core has everything, so that End follows
+                                    // the data.
+                                    let _ = s.stopped().await;
+                                }
+                                None => w.count_evicted(),
+                            }
+                            Ok(())
+                        });
+                    } else {
+                        let s = empty_group(&lc.conn, p, stream_id, next_audio, TrackKind::Audio)
+                            .await?;
+                        writers.spawn(async move {
+                            let _ = s.stopped().await;
+                            Ok(())
+                        });
                     }
-                    next_seq += 1;
+                    next_audio += 1;
+                    p.reach(TrackKind::Audio, next_audio);
                 }
             }
             // Reap finished writers; a connection error ends this sender.
@@ -452,6 +592,141 @@ impl EdgeRelay {
     }
 }
 
+/// Sends a publication's video, group after group. When a group's turn comes more than
+/// `skip_after_us` after its keyframe arrived and a newer group exists, it is skipped whole
+/// (an empty stream tells the core not to wait for it): the path cannot carry the stream, and
+/// the newest group is what viewers need.
+struct VideoSender {
+    conn: quinn::Connection,
+    p: Arc<Publication>,
+    stream_id: u64,
+    skip_after_us: u64,
+    metrics: EdgeMetrics,
+    /// Streams written and finished, until the core has acknowledged all of them.
+    finishing: JoinSet<()>,
+    last_warn: Option<std::time::Instant>,
+    skipped_since_warn: u64,
+}
+
+/// Groups a sender that fell behind announces as skipped, one empty stream each; further
+/// ones are passed over by the core's restart rule.
+const MAX_SKIP_NOTICES: u64 = 64;
+
+/// A group stream with its header and no frames: the core passes the group at once instead
+/// of waiting for it.
+async fn empty_group(
+    conn: &quinn::Connection,
+    p: &Publication,
+    stream_id: u64,
+    seq: u64,
+    track: TrackKind,
+) -> Result<quinn::SendStream> {
+    let mut s = conn.open_uni().await?;
+    s.set_priority(priority(track, seq))?;
+    let mut buf = BytesMut::new();
+    GroupHeader {
+        stream_id,
+        seq,
+        track,
+        config_version: p.group_config_version(seq).unwrap_or(0),
+    }
+    .encode(&mut buf);
+    s.write_all(&buf).await?;
+    s.finish()?;
+    Ok(s)
+}
+
+impl VideoSender {
+    async fn run(mut self, mut seq: u64) -> Result<()> {
+        let mut rx = self.p.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let snap = self.p.snapshot();
+            if let Some((oldest, newest)) = snap.groups {
+                if seq < oldest {
+                    // Dropped from the buffer before their turn (the hard bounds of the
+                    // publication): told to the core, counted.
+                    for s in seq.max(oldest.saturating_sub(MAX_SKIP_NOTICES))..oldest {
+                        self.skip(s, "evicted").await?;
+                    }
+                    seq = oldest;
+                }
+                if seq <= newest {
+                    let opened = self.p.group_opened_us(seq);
+                    let waited =
+                        opened.map_or(0, |o| crate::media::now_unix_us().saturating_sub(o));
+                    if seq < newest && waited > self.skip_after_us {
+                        self.skip(seq, "behind").await?;
+                        self.warn_behind(waited);
+                    } else if self.p.pin(seq) {
+                        let w = GroupWriter {
+                            conn: self.conn.clone(),
+                            p: self.p.clone(),
+                            stream_id: self.stream_id,
+                            seq,
+                            track: TrackKind::Video,
+                            metrics: self.metrics.clone(),
+                        };
+                        let r = w.write().await;
+                        self.p.unpin(seq);
+                        match r? {
+                            Some(s) => {
+                                self.finishing.spawn(async move {
+                                    let _ = s.stopped().await;
+                                });
+                            }
+                            None => w.count_evicted(),
+                        }
+                    } else {
+                        self.skip(seq, "evicted").await?;
+                    }
+                    seq += 1;
+                    self.p.reach(TrackKind::Video, seq);
+                    continue;
+                }
+            }
+            while self.finishing.try_join_next().is_some() {}
+            if snap.ended {
+                while self.finishing.join_next().await.is_some() {}
+                return Ok(());
+            }
+            if rx.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Tells the core group `seq` has no video: a stream with its header and nothing else.
+    async fn skip(&mut self, seq: u64, reason: &str) -> Result<()> {
+        let s = empty_group(&self.conn, &self.p, self.stream_id, seq, TrackKind::Video).await?;
+        self.finishing.spawn(async move {
+            let _ = s.stopped().await;
+        });
+        self.metrics
+            .relay_groups_skipped
+            .with_label_values(&[&self.p.name, reason])
+            .inc();
+        Ok(())
+    }
+
+    fn warn_behind(&mut self, waited_us: u64) {
+        self.skipped_since_warn += 1;
+        if self
+            .last_warn
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        warn!(
+            skipped = self.skipped_since_warn,
+            behind_ms = waited_us / 1000,
+            "path to the core cannot carry the stream: groups of pictures skipped"
+        );
+        self.last_warn = Some(std::time::Instant::now());
+        self.skipped_since_warn = 0;
+    }
+}
+
 /// Writes one track of one group on its own unidirectional stream.
 struct GroupWriter {
     conn: quinn::Connection,
@@ -463,13 +738,18 @@ struct GroupWriter {
 }
 
 impl GroupWriter {
-    async fn run(self) -> Result<()> {
-        let r = self.write().await;
-        self.p.unpin(self.seq);
-        r
+    fn count_evicted(&self) {
+        self.metrics
+            .relay_groups_skipped
+            .with_label_values(&[&self.p.name, "evicted"])
+            .inc();
     }
 
-    async fn write(&self) -> Result<()> {
+    /// Writes the group's frames of this track as they arrive, then finishes the stream and
+    /// returns it (to wait for the core's acknowledgement). None if the group was dropped
+    /// from the buffer before all of it was written: the stream then ends where it got to,
+    /// which the core reads as the group's end.
+    async fn write(&self) -> Result<Option<quinn::SendStream>> {
         let mut rx = self.p.subscribe();
         let mut sent = 0usize;
         let mut prev_dts = 0i64;
@@ -480,12 +760,7 @@ impl GroupWriter {
         // Every group opens a stream per track, even one without frames of that track, so that
         // its end tells the core not to wait for it.
         let mut s = self.conn.open_uni().await?;
-        // Newer groups first; audio above every video group.
-        let base = (self.seq % (1 << 29)) as i32;
-        s.set_priority(match self.track {
-            TrackKind::Audio => base + (1 << 30),
-            TrackKind::Video => base,
-        })?;
+        s.set_priority(priority(self.track, self.seq))?;
         let mut buf = BytesMut::new();
         GroupHeader {
             stream_id: self.stream_id,
@@ -499,12 +774,8 @@ impl GroupWriter {
             rx.borrow_and_update();
             match self.p.read(self.seq, self.track, sent) {
                 Read::Evicted => {
-                    let _ = s.reset(1u32.into());
-                    self.metrics
-                        .relay_groups_skipped
-                        .with_label_values(&[&self.p.name])
-                        .inc();
-                    return Ok(());
+                    s.finish()?;
+                    return Ok(None);
                 }
                 Read::Frames { frames, closed } => {
                     if !frames.is_empty() {
@@ -520,14 +791,13 @@ impl GroupWriter {
                     }
                     if closed {
                         s.finish()?;
-                        // Wait until the core has everything, so that End follows the data.
-                        let _ = s.stopped().await;
-                        return Ok(());
+                        return Ok(Some(s));
                     }
                 }
             }
             if rx.changed().await.is_err() {
-                return Ok(());
+                s.finish()?;
+                return Ok(Some(s));
             }
         }
     }

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod impair;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_livepop");
 
 /// The value of `--name` on the command line (benchmarks), or `default`.
@@ -347,6 +349,8 @@ pub struct EdgeOpts {
     pub node_id: String,
     pub extra_rtmp: String,
     pub extra_auth: String,
+    /// Extra keys for [relay] (before the [[relay.cores]] tables).
+    pub extra_relay: String,
 }
 
 impl EdgeOpts {
@@ -360,6 +364,7 @@ impl EdgeOpts {
             node_id: "edge-1".into(),
             extra_rtmp: String::new(),
             extra_auth: String::new(),
+            extra_relay: String::new(),
         }
     }
 }
@@ -412,12 +417,14 @@ key = "other-key"
 cert = "{rc}.pem"
 key = "{rc}.key"
 ca = "certs/ca.pem"
+{extra_relay}
 {cores}"#,
             stall = o.stall_ms,
             extra = o.extra_rtmp,
             rc = o.relay_cert,
             auth = o.extra_auth,
             node = o.node_id,
+            extra_relay = o.extra_relay,
         ),
     )
 }
@@ -605,8 +612,31 @@ pub fn assert_same_frames(sent: &Path, got: &Path) {
     let (av, bv) = (by_track(&a, "video"), by_track(&b, "video"));
     let (aa, ba) = (by_track(&a, "audio"), by_track(&b, "audio"));
     assert!(av.len() > 100, "source has only {} video packets", av.len());
-    assert_eq!(av.len(), bv.len(), "video frame count");
-    assert_eq!(aa.len(), ba.len(), "audio frame count");
+    // On a count mismatch, say where the tracks part (first differing packet).
+    let parting = |a: &[(i64, bool)], b: &[(i64, bool)]| {
+        let i = a
+            .iter()
+            .zip(b)
+            .position(|(x, y)| x != y)
+            .unwrap_or(a.len().min(b.len()));
+        format!(
+            "parting at packet {i}: sent {:?}, got {:?}",
+            &a[i.saturating_sub(2)..(i + 3).min(a.len())],
+            &b[i.saturating_sub(2)..(i + 3).min(b.len())]
+        )
+    };
+    assert_eq!(
+        av.len(),
+        bv.len(),
+        "video frame count; {}",
+        parting(&av, &bv)
+    );
+    assert_eq!(
+        aa.len(),
+        ba.len(),
+        "audio frame count; {}",
+        parting(&aa, &ba)
+    );
     let keys = |v: &[(i64, bool)]| -> Vec<usize> {
         v.iter()
             .enumerate()
