@@ -996,8 +996,9 @@ impl EdgeConfig {
                 "must be above 0 and at most relay.reconnect_max_ms",
             ));
         }
-        if !(100..=60_000).contains(&r.skip_after_ms) {
-            return Err(err(file, "relay.skip_after_ms", "must be 100 to 60000"));
+        // Groups are dropped from the buffer 4 s after they close whatever this says.
+        if !(100..=3000).contains(&r.skip_after_ms) {
+            return Err(err(file, "relay.skip_after_ms", "must be 100 to 3000"));
         }
         Ok(())
     }

@@ -333,10 +333,10 @@ pub struct CoreMetrics {
     pub origin_refused: IntCounterVec,
     /// Admin connections refused or cut off, by reason.
     pub admin_refused: IntCounterVec,
-    /// Media dropped because a per-stream buffer reached its bound, by reason.
     /// LL-HLS parts made, by stream, rendition and whether they are GAP parts (media lost
     /// upstream).
     pub parts: IntCounterVec,
+    /// Media dropped because a per-stream buffer reached its bound, by reason.
     pub media_dropped: IntCounterVec,
 }
 

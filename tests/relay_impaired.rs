@@ -5,234 +5,11 @@
 mod common;
 
 use common::impair::{Link, UdpImpair, DOWN, UP};
+use common::relay_path::{groups_received, run, stream_file, Outcome, SECS};
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::net::UdpSocket;
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// Seconds of media each run publishes.
-const SECS: u32 = 20;
-
-/// What one run through the proxy delivered.
-#[derive(Debug)]
-struct Outcome {
-    /// Video and audio frames in the published file.
-    sent: (usize, usize),
-    /// Video and audio frames the core delivered to its consumers.
-    received: (f64, f64),
-    /// LL-HLS parts of the source rendition: with media, GAP.
-    parts: (f64, f64),
-    /// Groups the edge skipped because the path fell behind, and dropped from its buffer.
-    skipped: (f64, f64),
-    late: f64,
-    latency_p50: f64,
-    latency_p99: f64,
-    stalls: u64,
-    viewer_errors: u64,
-    /// The publisher's wall time.
-    publish_secs: f64,
-    /// The edge's peak resident memory (MB).
-    edge_peak_mb: f64,
-    /// The largest send window the edge used (bytes).
-    max_send_window: f64,
-    /// Video timestamps of the published file and of the core's recording.
-    sent_video: Vec<(i64, bool)>,
-    recorded_video: Vec<(i64, bool)>,
-    recorded_audio: usize,
-    /// The edge's link metrics at the end: RTT (s), loss ratio, throughput (bit/s).
-    link: (f64, f64, f64),
-    /// QUIC packets the edge declared lost, and datagrams the proxy dropped at random.
-    lost: (f64, u64),
-}
-
-/// A 4 Mbit/s 1280×720 30 fps stream with a 1 s keyframe interval, as an FLV file.
-fn stream_file(dir: &Path) -> PathBuf {
-    let out = dir.join("in.flv");
-    let ok = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
-        .args(["-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-        .args(["-t", &SECS.to_string()])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "30",
-            "-bf",
-            "0",
-        ])
-        .args(["-b:v", "4M", "-maxrate", "4M", "-bufsize", "2M"])
-        .args(["-c:a", "aac", "-map", "0:v", "-map", "1:a", "-f", "flv"])
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    out
-}
-
-/// The sum of every sample of a metric whose line starts with `prefix`; None if there is none.
-fn samples(admin: SocketAddr, prefix: &str) -> Option<f64> {
-    let (200, body) = http_get(admin, "/metrics")? else {
-        return None;
-    };
-    let v: Vec<f64> = body
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .collect();
-    (!v.is_empty()).then(|| v.iter().sum())
-}
-
-/// Publishes `flv` through an edge whose only way to its core is the impairment proxy, with
-/// 20 LL-HLS viewers on the edge for most of the stream.
-fn run(name: &str, flv: &Path, up: Link, down: Link) -> Outcome {
-    let env = Env::new();
-    let core_cfg = env.write(
-        "core.toml",
-        &format!(
-            "{}[origin]\nlisten = \"127.0.0.1:0\"\n[transcode]\n\
-             renditions = [{{ name = \"1080p\", height = 1080, video_kbps = 5000 }}]\n",
-            std::fs::read_to_string(core_config(&env, "core-1", "127.0.0.1:0", true)).unwrap()
-        ),
-    );
-    let core = Proc::start_quiet("core-1", &["core", "--config", core_cfg.to_str().unwrap()]);
-    let (relay, origin, core_admin) = (core.addr("relay"), core.addr("origin"), core.addr("admin"));
-    let proxy = UdpImpair::start(relay, up, down);
-    let mut o = EdgeOpts::new(vec![("core-1".into(), proxy.addr())]);
-    o.origins = vec![origin];
-    let edge = start_edge(&env, &o);
-    let (rtmp, http, edge_admin) = (edge.addr("rtmp"), edge.addr("http"), edge.addr("admin"));
-    let started = Instant::now();
-    let mut ff = ffmpeg_publish_file(&format!("rtmp://{rtmp}/live/demo-key"), flv);
-    wait_for("the stream at the edge", Duration::from_secs(30), || {
-        (http_get(http, "/live/demo/master.m3u8")?.0 == 200).then_some(())
-    });
-    let json = env.path().join("viewers.json");
-    let mut viewers = Command::new(loadtest_bin())
-        .args([
-            "viewers",
-            "--url",
-            &format!("http://{http}/live/demo/master.m3u8"),
-        ])
-        .args(["--count", "20", "--duration", &(SECS - 6).to_string()])
-        .args(["--quiet", "--json"])
-        .arg(&json)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = viewers.stdout.take().unwrap();
-    std::thread::spawn(move || BufReader::new(out).lines().for_each(drop));
-    let mut max_send_window = 0f64;
-    let ff_done = wait_for("the publisher to finish", Duration::from_secs(90), || {
-        if let Some(w) = samples(edge_admin, "livepop_relay_link_send_window_bytes") {
-            max_send_window = max_send_window.max(w);
-        }
-        ff.try_wait().unwrap().map(|st| (st, started.elapsed()))
-    });
-    assert!(ff_done.0.success(), "{name}: ffmpeg failed");
-    assert!(wait_child(&mut viewers, Duration::from_secs(60)), "viewers");
-    let pk = packets(flv);
-    let sent_video = by_track(&pk, "video");
-    let sent = (sent_video.len(), by_track(&pk, "audio").len());
-    let rec = wait_for(
-        "the core's finished recording",
-        Duration::from_secs(30),
-        || recordings(&env, "core-1").into_iter().next(),
-    );
-    let rp = packets(&rec);
-    let link = (
-        samples(edge_admin, "livepop_relay_link_rtt_seconds").unwrap_or(f64::NAN),
-        samples(edge_admin, "livepop_relay_link_loss_ratio").unwrap_or(f64::NAN),
-        samples(edge_admin, "livepop_relay_link_throughput_bits_per_second").unwrap_or(f64::NAN),
-    );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let m = |admin, s: &str| samples(admin, s).unwrap_or(0.0);
-    let o = Outcome {
-        sent,
-        received: (
-            m(core_admin, &frames_metric("demo", "video")),
-            m(core_admin, &frames_metric("demo", "audio")),
-        ),
-        parts: (
-            m(
-                core_admin,
-                "livepop_core_parts_total{gap=\"no\",rendition=\"src\",stream=\"demo\"}",
-            ),
-            m(
-                core_admin,
-                "livepop_core_parts_total{gap=\"yes\",rendition=\"src\",stream=\"demo\"}",
-            ),
-        ),
-        skipped: (
-            m(
-                edge_admin,
-                "livepop_relay_groups_skipped_total{reason=\"behind\"",
-            ),
-            m(
-                edge_admin,
-                "livepop_relay_groups_skipped_total{reason=\"evicted\"",
-            ),
-        ),
-        late: m(core_admin, "livepop_relay_late_frames_total"),
-        latency_p50: v["latency"]["p50_ms"].as_f64().unwrap_or(f64::NAN),
-        latency_p99: v["latency"]["p99_ms"].as_f64().unwrap_or(f64::NAN),
-        stalls: v["stalls"].as_u64().unwrap(),
-        viewer_errors: v["errors"].as_u64().unwrap(),
-        publish_secs: ff_done.1.as_secs_f64(),
-        edge_peak_mb: edge.memory_mb("VmHWM:"),
-        max_send_window,
-        sent_video,
-        recorded_video: by_track(&rp, "video"),
-        recorded_audio: by_track(&rp, "audio").len(),
-        link,
-        lost: (
-            m(edge_admin, "livepop_relay_link_lost_packets_total"),
-            proxy.stats(UP).get().1 + proxy.stats(DOWN).get().1,
-        ),
-    };
-    eprintln!(
-        "{name}: sent {:?} received {:?} parts {:?} skipped {:?} late {} latency p50 {} p99 {} \
-         stalls {} errors {} publish {:.1} s edge peak {:.0} MB send window ≤ {} link {:?} \
-         lost {:?}; proxy up {:?} down {:?}",
-        o.sent,
-        o.received,
-        o.parts,
-        o.skipped,
-        o.late,
-        o.latency_p50,
-        o.latency_p99,
-        o.stalls,
-        o.viewer_errors,
-        o.publish_secs,
-        o.edge_peak_mb,
-        o.max_send_window,
-        o.link,
-        o.lost,
-        proxy.stats(UP).get(),
-        proxy.stats(DOWN).get()
-    );
-    o
-}
-
-/// Groups of pictures (keyframe to keyframe) of the sent video: how many of each group's
-/// frames the recording has. A whole-group rule means each is 0 or all.
-fn groups_received(o: &Outcome) -> Vec<(usize, usize)> {
-    let got: std::collections::HashSet<i64> = o.recorded_video.iter().map(|v| v.0).collect();
-    let mut groups: Vec<(usize, usize)> = vec![];
-    for (pts, key) in &o.sent_video {
-        if *key || groups.is_empty() {
-            groups.push((0, 0));
-        }
-        let g = groups.last_mut().unwrap();
-        g.0 += 1;
-        g.1 += usize::from(got.contains(pts));
-    }
-    groups
-}
 
 fn both(a: Link) -> (Link, Link) {
     (a, a)
@@ -241,8 +18,8 @@ fn both(a: Link) -> (Link, Link) {
 /// Runs two paths at once (so that both see the same machine load) and returns both outcomes.
 fn side_by_side(flv: &Path, a: (&str, Link, Link), b: (&str, Link, Link)) -> (Outcome, Outcome) {
     std::thread::scope(|s| {
-        let ha = s.spawn(|| run(a.0, flv, a.1, a.2));
-        let hb = s.spawn(|| run(b.0, flv, b.1, b.2));
+        let ha = s.spawn(|| run(a.0, flv, SECS, a.1, a.2));
+        let hb = s.spawn(|| run(b.0, flv, SECS, b.1, b.2));
         (ha.join().unwrap(), hb.join().unwrap())
     })
 }
@@ -250,7 +27,7 @@ fn side_by_side(flv: &Path, a: (&str, Link, Link), b: (&str, Link, Link)) -> (Ou
 #[test]
 fn one_percent_loss_at_50ms_rtt_loses_no_frame() {
     let dir = Env::new();
-    let flv = stream_file(dir.path());
+    let flv = stream_file(dir.path(), SECS);
     let (clean_up, clean_down) = both(Link::delay_ms(25));
     let (lossy_up, lossy_down) = both(Link::delay_ms(25).loss(0.01));
     let (clean, lossy) = side_by_side(
@@ -284,9 +61,9 @@ fn one_percent_loss_at_50ms_rtt_loses_no_frame() {
 #[test]
 fn five_percent_loss_at_50ms_rtt_no_stall_few_gaps() {
     let dir = Env::new();
-    let flv = stream_file(dir.path());
+    let flv = stream_file(dir.path(), SECS);
     let (up, down) = both(Link::delay_ms(25).loss(0.05));
-    let o = run("5% loss", &flv, up, down);
+    let o = run("5% loss", &flv, SECS, up, down);
     assert_eq!(o.stalls, 0, "no viewer stalled");
     assert_eq!(o.viewer_errors, 0);
     let (media, gap) = o.parts;
@@ -306,10 +83,10 @@ fn five_percent_loss_at_50ms_rtt_no_stall_few_gaps() {
 #[test]
 fn a_path_at_half_the_stream_rate_skips_whole_groups() {
     let dir = Env::new();
-    let flv = stream_file(dir.path());
+    let flv = stream_file(dir.path(), SECS);
     // 2 Mbit/s towards the core, half the stream's rate; 50 ms RTT.
     let up = Link::delay_ms(25).rate(2_000_000);
-    let o = run("2 Mbit/s", &flv, up, Link::delay_ms(25));
+    let o = run("2 Mbit/s", &flv, SECS, up, Link::delay_ms(25));
     // The publisher was never held back: it finished at its own pace.
     assert!(
         o.publish_secs < f64::from(SECS) + 5.0,
@@ -427,4 +204,75 @@ fn impairment_proxy_drops_delays_and_caps_as_configured() {
     wait_for("queue drops", Duration::from_secs(5), || {
         (proxy.stats(UP).get().2 > before + 50).then_some(())
     });
+}
+
+/// A path that drops everything for 3 s (past the 2 s idle timeout): the publisher is never
+/// held back, the edge reconnects, and the stream goes on at the core from a keyframe.
+#[test]
+fn a_blackholed_path_resumes_without_holding_the_publisher() {
+    let env = Env::new();
+    let core = start_core(&env, "core-1", "127.0.0.1:0");
+    let (relay, core_admin) = (core.addr("relay"), core.addr("admin"));
+    let proxy = UdpImpair::start(relay, Link::delay_ms(10), Link::delay_ms(10));
+    let edge = start_edge(&env, &EdgeOpts::new(vec![("core-1".into(), proxy.addr())]));
+    let sent = env.path().join("sent.flv");
+    let started = Instant::now();
+    let mut ff = ffmpeg_publish(
+        &format!("rtmp://{}/live/demo-key", edge.addr("rtmp")),
+        14,
+        "640x360",
+        Some(&sent),
+    );
+    let video = frames_metric("demo", "video");
+    wait_for("frames at the core", Duration::from_secs(20), || {
+        (metric(core_admin, &video) > 60.0).then_some(())
+    });
+    proxy.blackhole(true);
+    edge.wait_log(Duration::from_secs(10), |v| {
+        message_is(v, "connection to core lost")
+    });
+    let before = metric(core_admin, &video);
+    proxy.blackhole(false);
+    // Back: frames flow again, the resumed stream starts at a keyframe.
+    wait_for(
+        "frames after the blackhole",
+        Duration::from_secs(15),
+        || (metric(core_admin, &video) > before + 60.0).then_some(()),
+    );
+    assert!(
+        wait_child(&mut ff, Duration::from_secs(60)),
+        "ffmpeg failed"
+    );
+    // The publisher ran at its own pace throughout (14 s of media).
+    assert!(
+        started.elapsed() < Duration::from_secs(14 + 8),
+        "{:?}",
+        started.elapsed()
+    );
+    let rec = wait_for("the core's recording", Duration::from_secs(20), || {
+        recordings(&env, "core-1").into_iter().next()
+    });
+    let got = by_track(&packets(&rec), "video");
+    let all = by_track(&packets(&sent), "video");
+    assert!(got.len() < all.len(), "the blackhole cost frames");
+    // Every frame the core has is a sent frame, in order, and each run after a gap starts at
+    // a keyframe.
+    let index: std::collections::HashMap<i64, usize> =
+        all.iter().enumerate().map(|(i, v)| (v.0, i)).collect();
+    let mut prev: Option<usize> = None;
+    for (pts, key) in &got {
+        let i = index[pts];
+        if let Some(p) = prev {
+            assert!(i > p, "out of order at {pts}");
+            if i != p + 1 {
+                assert!(key, "a run after a gap starts at a keyframe: {pts}");
+            }
+        }
+        prev = Some(i);
+    }
+    // The link came back up.
+    assert_eq!(
+        metric(edge.addr("admin"), "livepop_relay_core_up{core=\"core-1\"}"),
+        1.0
+    );
 }

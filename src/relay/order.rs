@@ -47,6 +47,8 @@ pub struct TrackOrder {
     pending: BTreeMap<u64, Pending>,
     held_bytes: usize,
     max_wait_us: u64,
+    /// When the current group last delivered or became current (µs), once anything arrived.
+    progress_us: Option<u64>,
 }
 
 impl TrackOrder {
@@ -60,6 +62,7 @@ impl TrackOrder {
             pending: BTreeMap::new(),
             held_bytes: 0,
             max_wait_us,
+            progress_us: None,
         }
     }
 
@@ -69,9 +72,9 @@ impl TrackOrder {
     }
 
     /// A sender (re)starts at group `start`: skip ahead if that is past the current group.
-    pub fn restart(&mut self, start: u64, out: &mut Vec<Frame>) {
+    pub fn restart(&mut self, start: u64, now_us: u64, out: &mut Vec<Frame>) {
         if start > self.current {
-            self.jump(start, out);
+            self.jump(start, now_us, out);
         }
     }
 
@@ -84,14 +87,28 @@ impl TrackOrder {
         now_us: u64,
         out: &mut Vec<Frame>,
     ) -> Verdict {
-        if seq < self.current || seq - self.current > MAX_AHEAD_GROUPS {
+        if seq < self.current {
             return Verdict::Late;
+        }
+        let progress = *self.progress_us.get_or_insert(now_us);
+        if seq - self.current > MAX_AHEAD_GROUPS {
+            // Not held (a bound on what an edge can make the core hold). If the current group
+            // has made no progress for the whole wait, the sender has moved on far ahead (it
+            // fell behind and skipped to its newest group): follow it there.
+            if now_us.saturating_sub(progress) <= self.max_wait_us {
+                return Verdict::Late;
+            }
+            self.jump(seq, now_us, out);
         }
         if seq == self.current {
             if idx < self.next_idx {
                 return Verdict::Duplicate;
             }
-            return self.deliver_current(idx, frame, out);
+            let v = self.deliver_current(idx, frame, out);
+            if v == Verdict::Delivered {
+                self.progress_us = Some(now_us);
+            }
+            return v;
         }
         let p = self.pending.entry(seq).or_insert_with(|| Pending {
             since_us: now_us,
@@ -108,7 +125,7 @@ impl TrackOrder {
         if now_us.saturating_sub(p.since_us) > self.max_wait_us || self.held_bytes > MAX_HELD_BYTES
         {
             let before = out.len();
-            self.jump(oldest, out);
+            self.jump(oldest, now_us, out);
             let delivered_it = seq <= self.current && out.len() > before;
             return if delivered_it {
                 Verdict::Delivered
@@ -120,17 +137,25 @@ impl TrackOrder {
     }
 
     /// Group `seq`'s stream ended (finished or reset): nothing more will come for it.
-    pub fn finish(&mut self, seq: u64, out: &mut Vec<Frame>) {
+    pub fn finish(&mut self, seq: u64, now_us: u64, out: &mut Vec<Frame>) {
         if seq < self.current {
             return;
         }
         if seq > self.current {
             if seq - self.current <= MAX_AHEAD_GROUPS {
-                self.pending.entry(seq).or_default().finished = true;
+                // Its wait starts now, not at the epoch: an empty stream for a skipped group
+                // must not make the current one be given up at once.
+                self.pending
+                    .entry(seq)
+                    .or_insert_with(|| Pending {
+                        since_us: now_us,
+                        ..Pending::default()
+                    })
+                    .finished = true;
             }
             return;
         }
-        self.jump(seq + 1, out);
+        self.jump(seq + 1, now_us, out);
     }
 
     /// Bytes held, counted afresh (after groups left `pending`).
@@ -158,7 +183,8 @@ impl TrackOrder {
 
     /// Makes `seq` the current group and releases whatever is held for it (and for following
     /// groups that already finished).
-    fn jump(&mut self, seq: u64, out: &mut Vec<Frame>) {
+    fn jump(&mut self, seq: u64, now_us: u64, out: &mut Vec<Frame>) {
+        self.progress_us = Some(now_us);
         self.current = seq;
         self.next_idx = 0;
         self.broken = false;
@@ -209,7 +235,7 @@ mod tests {
         assert_eq!(o.offer(1, 0, f(100), 10, &mut out), Verdict::Held);
         assert_eq!(o.offer(0, 1, f(33), 20, &mut out), Verdict::Delivered);
         assert_eq!(o.offer(1, 1, f(133), 30, &mut out), Verdict::Held);
-        o.finish(0, &mut out);
+        o.finish(0, 40, &mut out);
         assert_eq!(dts(&out), vec![0, 33, 100, 133]);
         assert_eq!(o.position(), (1, 2));
     }
@@ -230,18 +256,18 @@ mod tests {
     fn finished_empty_groups_are_passed_and_resends_deduplicated() {
         let mut o = TrackOrder::new(TrackKind::Video, 5, 500_000);
         let mut out = vec![];
-        o.finish(6, &mut out); // a group with no frames of this track, finished early
+        o.finish(6, 0, &mut out); // a group with no frames of this track, finished early
         assert_eq!(o.offer(7, 0, f(700), 0, &mut out), Verdict::Held);
-        o.finish(5, &mut out);
+        o.finish(5, 0, &mut out);
         assert_eq!(dts(&out), vec![700]);
         assert_eq!(o.offer(7, 0, f(700), 0, &mut out), Verdict::Duplicate);
         assert_eq!(o.offer(7, 1, f(733), 0, &mut out), Verdict::Delivered);
         // Resume: a new sender starts again at group 7: duplicates dropped, the rest delivered.
-        o.restart(7, &mut out);
+        o.restart(7, 0, &mut out);
         assert_eq!(o.offer(7, 0, f(700), 0, &mut out), Verdict::Duplicate);
         assert_eq!(o.offer(7, 2, f(766), 0, &mut out), Verdict::Delivered);
         // A sender that restarts later skips the rest of group 7.
-        o.restart(9, &mut out);
+        o.restart(9, 0, &mut out);
         assert_eq!(o.offer(8, 0, f(800), 0, &mut out), Verdict::Late);
         assert_eq!(o.offer(9, 0, f(900), 0, &mut out), Verdict::Delivered);
     }
@@ -253,7 +279,7 @@ mod tests {
         o.offer(0, 0, f(0), 0, &mut out);
         assert_eq!(o.offer(0, 2, f(66), 0, &mut out), Verdict::Late);
         assert_eq!(o.offer(0, 3, f(99), 0, &mut out), Verdict::Late);
-        o.finish(0, &mut out);
+        o.finish(0, 40, &mut out);
         assert_eq!(o.offer(1, 0, f(100), 0, &mut out), Verdict::Delivered);
         let mut a = TrackOrder::new(TrackKind::Audio, 0, 500_000);
         a.offer(0, 0, f(0), 0, &mut out);
@@ -280,6 +306,44 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_later_group_does_not_cut_the_wait_short() {
+        let mut o = TrackOrder::new(TrackKind::Video, 0, 500_000);
+        let mut out = vec![];
+        o.offer(0, 0, f(0), 0, &mut out);
+        // Group 1 was skipped by the edge (an empty stream) while group 0's tail is being
+        // retransmitted; group 2 starts a second later.
+        o.finish(1, 1_000_000, &mut out);
+        assert_eq!(o.offer(2, 0, f(200), 1_000_100, &mut out), Verdict::Held);
+        assert_eq!(
+            o.offer(0, 1, f(33), 1_100_000, &mut out),
+            Verdict::Delivered
+        );
+        o.finish(0, 1_200_000, &mut out);
+        assert_eq!(dts(&out), vec![0, 33, 200]);
+    }
+
+    #[test]
+    fn a_sender_far_ahead_is_followed_once_the_current_group_stalled() {
+        let mut o = TrackOrder::new(TrackKind::Video, 0, 500_000);
+        let mut out = vec![];
+        o.offer(0, 0, f(0), 0, &mut out);
+        let far = MAX_AHEAD_GROUPS + 50;
+        // Within the wait: refused, not held.
+        assert_eq!(o.offer(far, 0, f(9000), 100_000, &mut out), Verdict::Late);
+        assert!(o.pending.is_empty());
+        // The current group made no progress for the whole wait: follow the sender.
+        assert_eq!(
+            o.offer(far, 0, f(9000), 600_001, &mut out),
+            Verdict::Delivered
+        );
+        assert_eq!(
+            o.offer(far, 1, f(9033), 600_002, &mut out),
+            Verdict::Delivered
+        );
+        assert_eq!(o.position(), (far, 2));
+    }
+
+    #[test]
     fn groups_far_ahead_are_refused() {
         let mut o = TrackOrder::new(TrackKind::Video, 10, 500_000);
         let mut out = vec![];
@@ -288,7 +352,7 @@ mod tests {
             Verdict::Late
         );
         for seq in 11..100_000 {
-            o.finish(seq, &mut out);
+            o.finish(seq, 0, &mut out);
         }
         assert!(o.pending.len() as u64 <= MAX_AHEAD_GROUPS);
         assert_eq!(

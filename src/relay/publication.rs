@@ -422,7 +422,6 @@ impl Publication {
         start
     }
 
-    /// The config version a group decodes with, if the group is held.
     /// When group `seq`'s first frame arrived (µs since the epoch), if it is held.
     pub fn group_opened_us(&self, seq: u64) -> Option<u64> {
         let s = self.lock();
@@ -432,6 +431,7 @@ impl Publication {
             .map(|g| g.opened_at_us)
     }
 
+    /// The config version a group decodes with, if the group is held.
     pub fn group_config_version(&self, seq: u64) -> Option<u64> {
         let s = self.lock();
         s.groups

@@ -180,7 +180,7 @@ impl LiveStream {
         let mut out = vec![];
         for (i, track) in [TrackKind::Video, TrackKind::Audio].into_iter().enumerate() {
             match &mut s.order[i] {
-                Some(o) => o.restart(start, &mut out),
+                Some(o) => o.restart(start, monotonic_us(), &mut out),
                 None => s.order[i] = Some(TrackOrder::new(track, start, self.reorder_wait_us)),
             }
         }
@@ -210,7 +210,7 @@ impl LiveStream {
         let mut s = self.lock();
         let mut out = vec![];
         if let Some(o) = &mut s.order[track_index(track)] {
-            o.finish(seq, &mut out);
+            o.finish(seq, monotonic_us(), &mut out);
         }
         let n = out.len();
         self.send_frames(out);

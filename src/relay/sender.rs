@@ -3,9 +3,11 @@
 //! whose connection is up.
 //!
 //! A sender announces the stream on the connection's control stream, then writes each group's
-//! video and audio on their own unidirectional streams (audio first, newer groups before older
-//! ones). When the chosen core changes (it went away, or a preferred one came back) the sender
-//! moves: it re-announces on the new connection and resends from the newest keyframe.
+//! audio on its own unidirectional stream as soon as the group opens (above all video), and the
+//! video group after group, oldest first, skipping whole groups that became stale when the path
+//! cannot carry the stream (docs/relay-protocol.md, "Congestion and loss"). When the chosen core
+//! changes (it went away, or a preferred one came back) the sender moves: it re-announces on the
+//! new connection and resends from the newest keyframe.
 
 use super::publication::{Publication, Publications, Read};
 use super::wire::{self, Announce, Control, GroupHeader};
@@ -98,6 +100,25 @@ fn priority(track: TrackKind, seq: u64) -> i32 {
     match track {
         TrackKind::Audio => older_first + (1 << 30),
         TrackKind::Video => older_first,
+    }
+}
+
+/// A group pinned for a writer: unpinned when dropped, so a sender aborted (moved to another
+/// core) frees its groups at once.
+struct Pinned {
+    p: Arc<Publication>,
+    seq: u64,
+}
+
+impl Pinned {
+    fn new(p: &Arc<Publication>, seq: u64) -> Option<Self> {
+        p.pin(seq).then(|| Pinned { p: p.clone(), seq })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.p.unpin(self.seq);
     }
 }
 
@@ -490,20 +511,18 @@ impl EdgeRelay {
         let mut next_audio = start_seq;
         let mut writers = JoinSet::new();
         // Video goes one group at a time, in order: what the path cannot take yet waits in the
-        // publication, where a group can still be skipped whole.
-        writers.spawn(
-            VideoSender {
-                conn: lc.conn.clone(),
-                p: p.clone(),
-                stream_id,
-                skip_after_us: self.cfg.skip_after_ms * 1000,
-                metrics: self.metrics.clone(),
-                finishing: JoinSet::new(),
-                last_warn: None,
-                skipped_since_warn: 0,
-            }
-            .run(start_seq),
-        );
+        // publication, where a group can still be skipped whole. Started once the stream is
+        // announced.
+        let mut video = Some(VideoSender {
+            conn: lc.conn.clone(),
+            p: p.clone(),
+            stream_id,
+            skip_after_us: self.cfg.skip_after_ms * 1000,
+            metrics: self.metrics.clone(),
+            finishing: JoinSet::new(),
+            last_warn: None,
+            skipped_since_warn: 0,
+        });
         loop {
             let snap = p.snapshot();
             if snap.info_version != announced {
@@ -521,6 +540,9 @@ impl EdgeRelay {
                 .await?;
                 announced = snap.info_version;
             }
+            if let Some(v) = video.take() {
+                writers.spawn(v.run(start_seq));
+            }
             // Audio: a stream per group as soon as it opens, above all video.
             if let Some((oldest, newest)) = snap.groups {
                 // Groups dropped before their audio writer started still get a stream, so
@@ -535,7 +557,7 @@ impl EdgeRelay {
                 next_audio = next_audio.max(oldest);
                 while next_audio <= newest {
                     // Pin now, before the task runs, so the group cannot be dropped first.
-                    if p.pin(next_audio) {
+                    if let Some(pin) = Pinned::new(p, next_audio) {
                         let w = GroupWriter {
                             conn: lc.conn.clone(),
                             p: p.clone(),
@@ -546,14 +568,11 @@ impl EdgeRelay {
                         };
                         writers.spawn(async move {
                             let s = w.write().await;
-                            w.p.unpin(w.seq);
-                            match s? {
-                                Some(s) => {
-                                    // Wait until the core has everything, so that End follows
-                                    // the data.
-                                    let _ = s.stopped().await;
-                                }
-                                None => w.count_evicted(),
+                            drop(pin);
+                            // Wait until the core has everything, so that End follows the data.
+                            // (Audio cut short by eviction is counted with its video group.)
+                            if let Some(s) = s? {
+                                let _ = s.stopped().await;
                             }
                             Ok(())
                         });
@@ -640,15 +659,19 @@ impl VideoSender {
     async fn run(mut self, mut seq: u64) -> Result<()> {
         let mut rx = self.p.subscribe();
         loop {
+            // Streams the core has acknowledged in full.
+            while self.finishing.try_join_next().is_some() {}
             rx.borrow_and_update();
             let snap = self.p.snapshot();
             if let Some((oldest, newest)) = snap.groups {
                 if seq < oldest {
                     // Dropped from the buffer before their turn (the hard bounds of the
-                    // publication): told to the core, counted.
+                    // publication): told to the core (the last few; past those the core
+                    // follows the sender once its current group has stalled), counted.
                     for s in seq.max(oldest.saturating_sub(MAX_SKIP_NOTICES))..oldest {
-                        self.skip(s, "evicted").await?;
+                        self.skip(s).await?;
                     }
+                    self.count_skipped("evicted", oldest - seq);
                     seq = oldest;
                 }
                 if seq <= newest {
@@ -656,9 +679,10 @@ impl VideoSender {
                     let waited =
                         opened.map_or(0, |o| crate::media::now_unix_us().saturating_sub(o));
                     if seq < newest && waited > self.skip_after_us {
-                        self.skip(seq, "behind").await?;
+                        self.skip(seq).await?;
+                        self.count_skipped("behind", 1);
                         self.warn_behind(waited);
-                    } else if self.p.pin(seq) {
+                    } else if let Some(pin) = Pinned::new(&self.p, seq) {
                         let w = GroupWriter {
                             conn: self.conn.clone(),
                             p: self.p.clone(),
@@ -668,24 +692,24 @@ impl VideoSender {
                             metrics: self.metrics.clone(),
                         };
                         let r = w.write().await;
-                        self.p.unpin(seq);
+                        drop(pin);
                         match r? {
                             Some(s) => {
                                 self.finishing.spawn(async move {
                                     let _ = s.stopped().await;
                                 });
                             }
-                            None => w.count_evicted(),
+                            None => self.count_skipped("evicted", 1),
                         }
                     } else {
-                        self.skip(seq, "evicted").await?;
+                        self.skip(seq).await?;
+                        self.count_skipped("evicted", 1);
                     }
                     seq += 1;
                     self.p.reach(TrackKind::Video, seq);
                     continue;
                 }
             }
-            while self.finishing.try_join_next().is_some() {}
             if snap.ended {
                 while self.finishing.join_next().await.is_some() {}
                 return Ok(());
@@ -697,16 +721,19 @@ impl VideoSender {
     }
 
     /// Tells the core group `seq` has no video: a stream with its header and nothing else.
-    async fn skip(&mut self, seq: u64, reason: &str) -> Result<()> {
+    async fn skip(&mut self, seq: u64) -> Result<()> {
         let s = empty_group(&self.conn, &self.p, self.stream_id, seq, TrackKind::Video).await?;
         self.finishing.spawn(async move {
             let _ = s.stopped().await;
         });
+        Ok(())
+    }
+
+    fn count_skipped(&self, reason: &str, n: u64) {
         self.metrics
             .relay_groups_skipped
             .with_label_values(&[&self.p.name, reason])
-            .inc();
-        Ok(())
+            .inc_by(n);
     }
 
     fn warn_behind(&mut self, waited_us: u64) {
@@ -738,13 +765,6 @@ struct GroupWriter {
 }
 
 impl GroupWriter {
-    fn count_evicted(&self) {
-        self.metrics
-            .relay_groups_skipped
-            .with_label_values(&[&self.p.name, "evicted"])
-            .inc();
-    }
-
     /// Writes the group's frames of this track as they arrive, then finishes the stream and
     /// returns it (to wait for the core's acknowledgement). None if the group was dropped
     /// from the buffer before all of it was written: the stream then ends where it got to,

@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod impair;
+pub mod relay_path;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_livepop");
 
