@@ -14,4 +14,4 @@ if [ "${#need[@]}" -gt 0 ]; then
   $SUDO systemctl disable --now nginx 2>/dev/null || true
 fi
 cargo build --release --workspace
-python3 bench/relay_netns.py
+SVG="${SVG:-docs/relay-netns.svg}" JSON="${JSON:-}" python3 bench/relay_netns.py

@@ -54,9 +54,9 @@ def setup_netns():
         sh("ip", "-n", n, "link", "set", "lo", "up")
         sh("ip", "link", "set", outer, "up")
         sh("sysctl", "-q", "-w", f"net.ipv6.conf.{outer}.disable_ipv6=1")
-        # Frames must be MTU-sized for the delay line to forward them.
-        sh(*ns(n, "ethtool", "-K", inner, "tso", "off", "gso", "off", "gro", "off"), stdout=subprocess.DEVNULL)
-        sh("ethtool", "-K", outer, "tso", "off", "gso", "off", "gro", "off", stdout=subprocess.DEVNULL)
+        # Frames must be MTU-sized with complete checksums for the delay line to forward them.
+        sh(*ns(n, "ethtool", "-K", inner, "tso", "off", "gso", "off", "gro", "off", "tx", "off", "rx", "off"), stdout=subprocess.DEVNULL)
+        sh("ethtool", "-K", outer, "tso", "off", "gso", "off", "gro", "off", "tx", "off", "rx", "off", stdout=subprocess.DEVNULL)
 
 
 def teardown_netns():
@@ -215,8 +215,9 @@ origin = "{CORE_IP}:8090"
             stop(p)
 
 
-def nginx_conf(prefix, listen, push):
+def nginx_conf(prefix, listen, extra):
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
+    os.makedirs(os.path.join(prefix, "rec"), exist_ok=True)
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""load_module /usr/lib/nginx/modules/ngx_rtmp_module.so;
@@ -224,7 +225,7 @@ daemon off; master_process off; worker_processes 1;
 error_log {prefix}/logs/error.log warn; pid {prefix}/logs/nginx.pid;
 events {{ worker_connections 1024; }}
 rtmp {{ server {{ listen {listen}; chunk_size 4096;
-  application live {{ live on; {push} }} }} }}
+  application live {{ live on; {extra} }} }} }}
 """)
     return conf
 
@@ -236,7 +237,12 @@ def nginx_run(d, flv, secs, sent_video):
     if os.path.exists(times):
         os.remove(times)
     try:
-        core = nginx_conf(os.path.join(d, "ngx-core"), f"{CORE_IP}:1935", "")
+        # The core records what reached it (the count of delivered frames); the subscriber
+        # times each frame.
+        rec = os.path.join(d, "ngx-core", "rec")
+        for f in os.listdir(rec) if os.path.isdir(rec) else []:
+            os.remove(os.path.join(rec, f))
+        core = nginx_conf(os.path.join(d, "ngx-core"), f"{CORE_IP}:1935", f"record all; record_path {rec};")
         edge = nginx_conf(os.path.join(d, "ngx-edge"), "127.0.0.1:1936", f"push rtmp://{CORE_IP}:1935/live;")
         procs.append(start(ns(CORE_NS, "/usr/sbin/nginx", "-p", os.path.join(d, "ngx-core"), "-c", core), log))
         procs.append(start(ns(EDGE_NS, "/usr/sbin/nginx", "-p", os.path.join(d, "ngx-edge"), "-c", edge), log))
@@ -263,7 +269,54 @@ def nginx_run(d, flv, secs, sent_video):
     lat = [arr - pts for pts, arr in rows]
     base = min(lat) if lat else 0
     rel = [x - base for x in lat]
-    return {"delivered": len(rows) / sent_video, "delay_p50": pct(rel, 0.5), "delay_p99": pct(rel, 0.99)}
+    recorded = 0
+    for f in os.listdir(rec):
+        recorded += video_packets(os.path.join(rec, f))
+    return {"delivered": recorded / sent_video, "delay_p50": pct(rel, 0.5), "delay_p99": pct(rel, 0.99)}
+
+
+def video_packets(path):
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v", "-count_packets", "-show_entries",
+                          "stream=nb_read_packets", "-of", "csv=p=0", path], capture_output=True, text=True).stdout.strip()
+    return int(out) if out.isdigit() else 0
+
+
+def svg(results, secs):
+    w, h, pad = 900, 380, 60
+    pw, ph = (w - 3 * pad) / 2, h - 2 * pad - 20
+    max_loss = max(r["loss"] for r in results) or 1
+    max_delay = max([r[k]["delay_p99"] for r in results for k in ("livepop", "nginx") if r[k]["delay_p99"] == r[k]["delay_p99"]] + [100]) * 1.1
+    colors = {20: "#1f77b4", 50: "#d62728", 150: "#2ca02c"}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{w/2}" y="20" text-anchor="middle" font-size="14">Relay on an impaired path: livepop (QUIC, solid) vs nginx-rtmp push (TCP, dashed), 4 Mbit/s, {secs} s</text>']
+    for i, (title, key, top) in enumerate([("video frames delivered to the core (%)", "delivered", 100.0),
+                                           ("frame delay p99 above the one-way delay (ms)", "delay_p99", max_delay)]):
+        x0, y0 = pad + i * (pw + pad), pad
+        out.append(f'<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
+        out.append(f'<text x="{x0 + pw/2}" y="{y0 - 8}" text-anchor="middle">{title}</text>')
+        out.append(f'<text x="{x0 + pw/2}" y="{y0 + ph + 32}" text-anchor="middle">random loss each way (%)</text>')
+        for t in range(5):
+            v = top * t / 4
+            y = y0 + ph - ph * t / 4
+            out.append(f'<text x="{x0 - 4}" y="{y + 4}" text-anchor="end">{v:.0f}</text><line x1="{x0}" x2="{x0 + pw}" y1="{y}" y2="{y}" stroke="#eee"/>')
+        for l in sorted({r["loss"] for r in results}):
+            out.append(f'<text x="{x0 + pw * l / max_loss}" y="{y0 + ph + 16}" text-anchor="middle">{l:g}</text>')
+        for rtt in sorted({r["rtt"] for r in results}):
+            for sysname, dash in (("livepop", ""), ("nginx", ' stroke-dasharray="6,4"')):
+                pts = []
+                for r in sorted((r for r in results if r["rtt"] == rtt), key=lambda r: r["loss"]):
+                    v = r[sysname][key] * (100 if key == "delivered" else 1)
+                    if v != v:
+                        continue
+                    pts.append(f"{x0 + pw * r['loss'] / max_loss:.1f},{y0 + ph - ph * min(v / top, 1):.1f}")
+                c = colors.get(rtt, "#555")
+                out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2"{dash} points="{" ".join(pts)}"/>')
+        if i == 0:
+            for k, rtt in enumerate(sorted({r["rtt"] for r in results})):
+                out.append(f'<text x="{x0 + 10}" y="{y0 + ph - 10 - 14 * k}" fill="{colors.get(rtt, "#555")}">RTT {rtt} ms</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 def main():
@@ -310,6 +363,11 @@ def main():
     out = os.environ.get("JSON")
     if out:
         json.dump(results, open(out, "w"), indent=1)
+    plot = os.environ.get("SVG")
+    if plot:
+        with open(plot, "w") as f:
+            f.write(svg(results, secs))
+        print(f"\nplot: {plot}")
     shutil.rmtree(d, ignore_errors=True)
 
 
