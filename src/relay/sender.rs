@@ -525,7 +525,11 @@ impl EdgeRelay {
         });
         loop {
             let snap = p.snapshot();
-            if snap.info_version != announced {
+            // The first Announce waits for the first media (or the end): encoders send every
+            // sequence header before it, so the core starts with the whole configuration
+            // rather than restarting its output (a discontinuity) when the second one arrives.
+            let ready = announced != 0 || snap.groups.is_some() || snap.ended;
+            if ready && snap.info_version != announced {
                 self.control_send(
                     lc,
                     Control::Announce(Announce {
@@ -540,8 +544,10 @@ impl EdgeRelay {
                 .await?;
                 announced = snap.info_version;
             }
-            if let Some(v) = video.take() {
-                writers.spawn(v.run(start_seq));
+            if announced != 0 {
+                if let Some(v) = video.take() {
+                    writers.spawn(v.run(start_seq));
+                }
             }
             // Audio: a stream per group as soon as it opens, above all video.
             if let Some((oldest, newest)) = snap.groups {
