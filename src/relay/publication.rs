@@ -422,22 +422,19 @@ impl Publication {
         start
     }
 
+    /// `f` of group `seq`, if it is held.
+    fn with_group<T>(&self, seq: u64, f: impl FnOnce(&Group) -> T) -> Option<T> {
+        self.lock().groups.iter().find(|g| g.seq == seq).map(f)
+    }
+
     /// When group `seq`'s first frame arrived (µs since the epoch), if it is held.
     pub fn group_opened_us(&self, seq: u64) -> Option<u64> {
-        let s = self.lock();
-        s.groups
-            .iter()
-            .find(|g| g.seq == seq)
-            .map(|g| g.opened_at_us)
+        self.with_group(seq, |g| g.opened_at_us)
     }
 
     /// The config version a group decodes with, if the group is held.
     pub fn group_config_version(&self, seq: u64) -> Option<u64> {
-        let s = self.lock();
-        s.groups
-            .iter()
-            .find(|g| g.seq == seq)
-            .map(|g| g.config_version)
+        self.with_group(seq, |g| g.config_version)
     }
 
     /// Frames of `track` in group `seq` from index `from` on.

@@ -637,9 +637,8 @@ struct VideoSender {
 /// ones are passed over by the core's restart rule.
 const MAX_SKIP_NOTICES: u64 = 64;
 
-/// A group stream with its header and no frames: the core passes the group at once instead
-/// of waiting for it.
-async fn empty_group(
+/// Opens group `seq`'s stream for `track` at its priority and writes the group header.
+async fn open_group(
     conn: &quinn::Connection,
     p: &Publication,
     stream_id: u64,
@@ -657,6 +656,19 @@ async fn empty_group(
     }
     .encode(&mut buf);
     s.write_all(&buf).await?;
+    Ok(s)
+}
+
+/// A group stream with its header and no frames: the core passes the group at once instead
+/// of waiting for it.
+async fn empty_group(
+    conn: &quinn::Connection,
+    p: &Publication,
+    stream_id: u64,
+    seq: u64,
+    track: TrackKind,
+) -> Result<quinn::SendStream> {
+    let mut s = open_group(conn, p, stream_id, seq, track).await?;
     s.finish()?;
     Ok(s)
 }
@@ -785,17 +797,7 @@ impl GroupWriter {
             .with_label_values(&[&self.p.name, self.track.as_str()]);
         // Every group opens a stream per track, even one without frames of that track, so that
         // its end tells the core not to wait for it.
-        let mut s = self.conn.open_uni().await?;
-        s.set_priority(priority(self.track, self.seq))?;
-        let mut buf = BytesMut::new();
-        GroupHeader {
-            stream_id: self.stream_id,
-            seq: self.seq,
-            track: self.track,
-            config_version: self.p.group_config_version(self.seq).unwrap_or(0),
-        }
-        .encode(&mut buf);
-        s.write_all(&buf).await?;
+        let mut s = open_group(&self.conn, &self.p, self.stream_id, self.seq, self.track).await?;
         loop {
             rx.borrow_and_update();
             match self.p.read(self.seq, self.track, sent) {

@@ -960,6 +960,11 @@ pub fn encode_flv(out: &Path, secs: u32) {
 
 /// Encodes `secs` of testsrc2 at `size` (30 fps, 1 s GOP, no B-frames) and a sine in AAC to FLV.
 pub fn encode_flv_sized(out: &Path, size: &str, secs: u32) {
+    encode_flv_with(out, size, secs, &[]);
+}
+
+/// `encode_flv_sized` with extra video encoder options (e.g. a bitrate).
+pub fn encode_flv_with(out: &Path, size: &str, secs: u32, video_opts: &[&str]) {
     let ok = Command::new("ffmpeg")
         .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
         .args([
@@ -980,6 +985,7 @@ pub fn encode_flv_sized(out: &Path, size: &str, secs: u32) {
             "-bf",
             "0",
         ])
+        .args(video_opts)
         .args(["-c:a", "aac", "-map", "0:v", "-map", "1:a", "-f", "flv"])
         .arg(out)
         .status()

@@ -49,27 +49,8 @@ pub struct Outcome {
 /// A 4 Mbit/s 1280×720 30 fps stream with a 1 s keyframe interval, as an FLV file.
 pub fn stream_file(dir: &Path, secs: u32) -> PathBuf {
     let out = dir.join("in.flv");
-    let ok = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
-        .args(["-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=30"])
-        .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100"])
-        .args(["-t", &secs.to_string()])
-        .args([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "30",
-            "-bf",
-            "0",
-        ])
-        .args(["-b:v", "4M", "-maxrate", "4M", "-bufsize", "2M"])
-        .args(["-c:a", "aac", "-map", "0:v", "-map", "1:a", "-f", "flv"])
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    let rate = ["-b:v", "4M", "-maxrate", "4M", "-bufsize", "2M"];
+    encode_flv_with(&out, "1280x720", secs, &rate);
     out
 }
 
