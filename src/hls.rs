@@ -594,7 +594,10 @@ mod tests {
             Directives::parse(Some("_HLS_part=2")),
             Err(DirectiveError::PartWithoutMsn)
         );
-        assert!(Directives::parse(Some("_HLS_msn=abc")).is_err());
+        assert_eq!(
+            Directives::parse(Some("_HLS_msn=abc")),
+            Err(DirectiveError::NotANumber("_HLS_msn"))
+        );
         assert!(Directives::parse(Some("_HLS_skip=v2")).unwrap().skip);
         assert!(!Directives::parse(Some("_HLS_skip=NO")).unwrap().skip);
         assert_eq!(

@@ -325,10 +325,16 @@ mod tests {
         // IPv6 hosts of one /64 share a slot count; a v4-mapped address counts as its v4.
         let l = ConnLimiter::new(10, 1);
         let _x = l.try_admit("2001:db8::1".parse().unwrap()).unwrap();
-        assert!(l.try_admit("2001:db8::2".parse().unwrap()).is_err());
+        assert_eq!(
+            l.try_admit("2001:db8::2".parse().unwrap()).unwrap_err(),
+            Refusal::PerIpLimit
+        );
         assert!(l.try_admit("2001:db8:0:1::2".parse().unwrap()).is_ok());
         let _y = l.try_admit(a).unwrap();
-        assert!(l.try_admit("::ffff:10.0.0.1".parse().unwrap()).is_err());
+        assert_eq!(
+            l.try_admit("::ffff:10.0.0.1".parse().unwrap()).unwrap_err(),
+            Refusal::PerIpLimit
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -405,16 +405,29 @@ mod tests {
         // 0x11 0x90: object type 2, index 3 (48000), mono.
         let i = parse_aac_config(&[0x11, 0x88]).unwrap();
         assert_eq!((i.sample_rate, i.channels), (48000, 1));
-        assert!(parse_aac_config(&[0x12]).is_err());
-        assert!(parse_aac_config(&[0x17, 0x80]).is_err()); // index 15 without the explicit rate
+        assert!(matches!(
+            parse_aac_config(&[0x12]),
+            Err(ConfigParseError::Truncated { len: 1, .. })
+        ));
+        // Index 15 announces an explicit 24-bit rate that is not there.
+        assert!(matches!(
+            parse_aac_config(&[0x17, 0x80]),
+            Err(ConfigParseError::Truncated { len: 2, .. })
+        ));
     }
 
     #[test]
     fn avc_record() {
         let r = parse_avc_record(&[1, 0x64, 0, 0x1f, 0xff, 0xe1, 0]).unwrap();
         assert_eq!((r.profile, r.level, r.nal_length_size), (0x64, 0x1f, 4));
-        assert!(parse_avc_record(&[0, 0x64, 0, 0x1f, 0xff, 0xe1, 0]).is_err());
-        assert!(parse_avc_record(&[1, 2]).is_err());
+        assert!(matches!(
+            parse_avc_record(&[0, 0x64, 0, 0x1f, 0xff, 0xe1, 0]),
+            Err(ConfigParseError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_avc_record(&[1, 2]),
+            Err(ConfigParseError::Truncated { len: 2, .. })
+        ));
     }
 
     #[test]

@@ -898,7 +898,12 @@ mod tests {
     fn long_gop_segments_stay_within_target_duration() {
         let mut p = Packager::new(PackagerConfig::default(), info(), 0, 1);
         feed(&mut p, 12, 240); // 8 s GOP
-        for s in p.playlist.segments.iter().filter(|s| s.complete) {
+        // 12 s without a keyframe after the first: cut at part boundaries into four complete
+        // segments of 2.4 s (EXTINF rounds to the 2 s target, §4.4.3.1) and the open fifth,
+        // not into one 8 s segment.
+        let complete: Vec<&Segment> = p.playlist.segments.iter().filter(|s| s.complete).collect();
+        assert_eq!(complete.len(), 4, "{:?}", p.playlist.segments);
+        for s in complete {
             assert!(s.duration.round() <= 2.0, "segment of {} s", s.duration);
         }
     }
@@ -967,6 +972,14 @@ mod tests {
             "gap parts cover {gap_time} s"
         );
         assert!(gaps.iter().all(|g| g.duration <= pt && !g.independent));
+        // 0–2.5 s and 4–10 s of media: the segment at 2 s is cut at PART-TARGET boundaries
+        // of the gap (1.9 s) and a 0.1 s gap segment ends at the keyframe of 4 s; 4 and 6 s
+        // complete, 8 s still open.
+        let durations: Vec<f64> = pl.segments.iter().map(|s| s.duration).collect();
+        let complete = pl.segments.iter().filter(|s| s.complete).count();
+        assert_eq!(complete, 5, "{durations:?}");
+        let until_resume: f64 = durations[..3].iter().sum();
+        assert!((until_resume - 4.0).abs() < 0.002, "{durations:?}");
         for s in pl.segments.iter().filter(|s| s.complete) {
             assert!(s.duration.round() <= 2.0, "segment of {} s", s.duration);
             let sum: f64 = s.parts.iter().map(|p| p.duration).sum();
@@ -1009,7 +1022,10 @@ mod tests {
         feed_frames(&mut p, 0..60, 60);
         feed_frames(&mut p, 240..420, 60); // 6 s missing
         let gap_segs: Vec<&Segment> = p.playlist.segments.iter().filter(|s| s.is_gap()).collect();
-        assert!(gap_segs.len() >= 2, "{:?}", p.playlist.segments);
+        // Media 0–2 s and 8–14 s: the segments at 2, 4 and 6 s are all gap.
+        assert_eq!(gap_segs.len(), 3, "{:?}", p.playlist.segments);
+        let complete = p.playlist.segments.iter().filter(|s| s.complete).count();
+        assert_eq!(complete, 6, "{:?}", p.playlist.segments);
         assert_eq!(p.segment(gap_segs[0].msn), Lookup::Missing);
         let text = p.playlist.render(false, &[]);
         let uri = &gap_segs[0].uri;

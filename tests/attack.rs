@@ -382,7 +382,7 @@ fn silent_and_dripping_clients_are_cut_off_on_every_listener() {
 /// Pipelines `n` requests for `path` and never reads: the server must drop the connection
 /// after its write timeout, counted under `sample`.
 fn non_reader(addr: SocketAddr, path: &str, n: usize, counted: Option<(SocketAddr, &str)>) {
-    let before = counted.map(|(admin, sample)| metric(admin, sample));
+    let before = counted.map(|(admin, sample)| metric_or_zero(admin, sample));
     // A tiny receive window, so that the server's writes block instead of filling the kernel's
     // buffers (pingora does not pipeline: one request must be enough at the edge).
     let mut s = connect_small_window(addr);
@@ -395,7 +395,7 @@ fn non_reader(addr: SocketAddr, path: &str, n: usize, counted: Option<(SocketAdd
     let deadline = Duration::from_millis(WRITE_MS + IDLE_MS) + SLACK;
     if let (Some((admin, sample)), Some(before)) = (counted, before) {
         wait_for(sample, deadline, || {
-            (metric(admin, sample) > before).then_some(())
+            (metric_or_zero(admin, sample) > before).then_some(())
         });
         assert!(since.elapsed() >= Duration::from_millis(WRITE_MS));
     } else {
@@ -451,13 +451,13 @@ fn clients_that_stop_reading_are_dropped() {
     let deadline = Duration::from_millis(WRITE_MS + IDLE_MS) + SLACK;
     let edge_admin = r.edge.addr("admin");
     let cut = r#"livepop_edge_refused_total{reason="write_timeout"}"#;
-    let before = metric(edge_admin, cut);
+    let before = metric_or_zero(edge_admin, cut);
     let mut h2c = connect_small_window(http);
     h2c.write_all(&h2_requests(&path, 20)).unwrap();
     assert!(closed_by_peer(&mut h2c, deadline), "h2c non-reader kept");
     // Every stream was answered and then cut by the write timeout (not refused as malformed).
     wait_for("20 h2c streams cut", Duration::from_secs(5), || {
-        (metric(edge_admin, cut) >= before + 20.0).then_some(())
+        (metric_or_zero(edge_admin, cut) >= before + 20.0).then_some(())
     });
     let mut h2 = tls_connect(&r.env, r.edge.addr("https"), b"h2");
     h2.write_all(&h2_requests(&path, 20)).unwrap();
@@ -514,10 +514,10 @@ fn rtmp_clients_that_stop_reading_are_dropped() {
     let r = rig(14, "");
     let admin = r.edge.addr("admin");
     let ended = || {
-        metric(
+        metric_or_zero(
             admin,
             r#"livepop_ingest_errors_total{reason="write_timeout"}"#,
-        ) + metric(
+        ) + metric_or_zero(
             admin,
             r#"livepop_ingest_rejected_total{reason="publish_timeout"}"#,
         )
@@ -842,7 +842,7 @@ fn publishers_cannot_grow_memory_past_the_bounds() {
     wait_for(
         "audio dropped by its bound",
         Duration::from_secs(15),
-        || (metric(core_admin, dropped) > 100.0).then_some(()),
+        || (metric_or_zero(core_admin, dropped) > 100.0).then_some(()),
     );
     r.core.wait_log(Duration::from_secs(10), |v| {
         v["level"] == "WARN" && v.to_string().contains("reached its bound")
@@ -1019,6 +1019,10 @@ fn edges_cannot_take_pin_or_flood_streams_at_the_core() {
     );
     assert_eq!(refused("duplicate"), 2.0);
     let rejected = r#"livepop_ingest_rejected_total{reason="core_refused"}"#;
+    // Counted after the publisher's socket is dropped: wait for it, then exactly once.
+    wait_for("the refusal counted", Duration::from_secs(5), || {
+        (metric_or_zero(edge2.addr("admin"), rejected) >= 1.0).then_some(())
+    });
     assert_eq!(metric(edge2.addr("admin"), rejected), 1.0);
     edge2.wait_log(Duration::from_secs(5), |v| {
         v["level"] == "WARN" && v.to_string().contains("is live from another edge")

@@ -548,7 +548,7 @@ fn request_rules_on_a_stalled_then_ended_stream() {
     send_paced(&mut p, &paced, 4);
     // Once every frame is in, the playlist can only stall: the rules below see a fixed state.
     wait_for("every frame at the core", Duration::from_secs(20), || {
-        (metric(core.addr("admin"), &frames_metric("demo", "video")) >= video_frames as f64)
+        (metric_or_zero(core.addr("admin"), &frames_metric("demo", "video")) >= video_frames as f64)
             .then_some(())
     });
     let pl = wait_for("10 complete segments", Duration::from_secs(20), || {

@@ -125,10 +125,12 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
         "--json",
         pubs_json.to_str().unwrap(),
     ]);
+    // Playable, with the three segments a plain HLS player starts behind (RFC 8216 §6.3.3):
+    // with fewer it starts at the live edge with nothing buffered and stalls at every segment.
     for s in ["load1", "load2"] {
         wait_for("both streams playable", Duration::from_secs(30), || {
-            let (st, _) = http_get(http, &format!("/live/{s}/master.m3u8"))?;
-            (st == 200).then_some(())
+            let (st, pl) = http_get(http, &format!("/live/{s}/src/index.m3u8"))?;
+            (st == 200 && complete_segments(&pl).len() >= 3).then_some(())
         });
     }
     let before = edge_responses(admin);
@@ -231,11 +233,18 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
         "LL latency p50 {p50} ms, p99 {p99} ms, stalls {}",
         a["stalls"]
     );
-    // A part's last byte comes at least its duration after its first sample reached the edge.
-    assert!((150.0..2000.0).contains(&p50), "latency p50 {p50} ms");
-    assert!(p99 < 4000.0 && p99 >= p50, "latency p99 {p99} ms");
+    // A part's last byte comes at least its duration (200 ms) after its first sample reached
+    // the edge; a healthy run shows p50 ≈ 230 ms, p99 ≈ 1.5 s (the p99 is the viewers' start,
+    // which begins a part back) and no stall. Bounds: about 2.5× that for a loaded machine.
+    assert!((150.0..600.0).contains(&p50), "latency p50 {p50} ms");
+    assert!(p99 < 3000.0 && p99 >= p50, "latency p99 {p99} ms");
     assert!(lat["count"].as_u64().unwrap() > 200 * 15 * 5 / 2);
-    assert!(a["stall_seconds"].as_f64().unwrap() < 0.05 * 200.0 * 15.0);
+    // At most a handful of short stalls among 3,000 viewer-seconds.
+    let (stalls, stalled) = (
+        a["stalls"].as_u64().unwrap(),
+        a["stall_seconds"].as_f64().unwrap(),
+    );
+    assert!(stalls <= 10 && stalled < 5.0, "{stalls} stalls, {stalled} s");
     assert!(a["http_versions"]["HTTP/1.1"].as_u64().unwrap() > 0);
     assert!(a["timeline"].as_array().unwrap().len() >= 14);
     let svg = std::fs::read_to_string(&plot).unwrap();
@@ -250,11 +259,11 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
         "{}",
         b["http_versions"]
     );
+    // A whole 2 s segment: its last byte comes at least 2 s after its first sample.
     let bl = b["latency"]["p50_ms"].as_f64().unwrap();
-    assert!(
-        (500.0..10_000.0).contains(&bl),
-        "segment latency p50 {bl} ms"
-    );
+    eprintln!("plain latency p50 {bl} ms, stalls {}", b["stalls"]);
+    assert!((2000.0..4000.0).contains(&bl), "segment latency p50 {bl} ms");
+    assert_eq!(b["stalls"], 0, "{b}");
 
     // Publishers: both published the whole time at real-time pace.
     finish(publishers, "publishers", Duration::from_secs(40));
@@ -275,7 +284,8 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
         assert_eq!(r["sessions"], 1, "{r}");
         assert_eq!(r["connect_failures"], 0, "{r}");
         assert!(r["frames"].as_u64().unwrap() > 25 * 30, "{r}");
-        assert!(r["max_backlog_ms"].as_u64().unwrap() < 2000, "{r}");
+        eprintln!("publisher backlog max {} ms", r["max_backlog_ms"]);
+        assert!(r["max_backlog_ms"].as_u64().unwrap() < 500, "{r}");
     }
 }
 

@@ -63,7 +63,7 @@ fn core_restart_resumes_from_a_keyframe_without_disconnecting_the_publisher() {
     let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
     let mut ff = ffmpeg_publish(&url, 16, "640x360", None);
     wait_for("frames at the first core", Duration::from_secs(15), || {
-        (metric(admin1, &frames_metric("demo", "video")) > 30.0).then_some(())
+        (metric_or_zero(admin1, &frames_metric("demo", "video")) > 30.0).then_some(())
     });
     core.kill();
     // Same port again: the edge's config names it.
@@ -73,7 +73,7 @@ fn core_restart_resumes_from_a_keyframe_without_disconnecting_the_publisher() {
     wait_for(
         "frames at the restarted core",
         Duration::from_secs(3),
-        || (metric(admin2, &frames_metric("demo", "video")) > 0.0).then_some(()),
+        || (metric_or_zero(admin2, &frames_metric("demo", "video")) > 0.0).then_some(()),
     );
     let took = restarted.elapsed();
     assert!(took < Duration::from_secs(3), "took {took:?}");
@@ -89,7 +89,7 @@ fn core_restart_resumes_from_a_keyframe_without_disconnecting_the_publisher() {
         .count();
     assert_eq!(starts, 1);
     assert_eq!(
-        metric(edge_admin, "livepop_ingest_errors_total{reason=\"io\"}"),
+        metric_or_zero(edge_admin, "livepop_ingest_errors_total{reason=\"io\"}"),
         0.0
     );
     // The restarted core's recording starts at a keyframe and nothing arrived out of order.
@@ -107,7 +107,7 @@ fn core_restart_resumes_from_a_keyframe_without_disconnecting_the_publisher() {
         "first video frame after restart is not a keyframe"
     );
     assert_eq!(
-        metric(admin2, "livepop_relay_late_frames_total{stream=\"demo\"}"),
+        metric_or_zero(admin2, "livepop_relay_late_frames_total{stream=\"demo\"}"),
         0.0
     );
     eprintln!("resumed {took:?} after the core restarted");
@@ -126,16 +126,16 @@ fn stream_fails_over_to_the_other_core() {
     );
     let edge_admin = edge.addr("admin");
     wait_for("both cores connected", Duration::from_secs(10), || {
-        (metric(edge_admin, "livepop_relay_core_up{core=\"core-a\"}") == 1.0
-            && metric(edge_admin, "livepop_relay_core_up{core=\"core-b\"}") == 1.0)
+        (metric_or_zero(edge_admin, "livepop_relay_core_up{core=\"core-a\"}") == 1.0
+            && metric_or_zero(edge_admin, "livepop_relay_core_up{core=\"core-b\"}") == 1.0)
             .then_some(())
     });
     let url = format!("rtmp://{}/live/demo-key", edge.addr("rtmp"));
     let mut ff = ffmpeg_publish(&url, 14, "640x360", None);
     // Rendezvous hashing picks one core; find which.
     let first_is_a = wait_for("frames at one core", Duration::from_secs(15), || {
-        let fa = metric(aa, &frames_metric("demo", "video"));
-        let fb = metric(ab, &frames_metric("demo", "video"));
+        let fa = metric_or_zero(aa, &frames_metric("demo", "video"));
+        let fb = metric_or_zero(ab, &frames_metric("demo", "video"));
         if fa > 30.0 {
             Some(true)
         } else if fb > 30.0 {
@@ -149,13 +149,13 @@ fn stream_fails_over_to_the_other_core() {
     } else {
         (&mut b, aa)
     };
-    assert_eq!(metric(survivor, &frames_metric("demo", "video")), 0.0);
+    assert_eq!(metric_opt(survivor, &frames_metric("demo", "video")), None);
     dead.kill();
     let killed = Instant::now();
     wait_for(
         "frames at the surviving core",
         Duration::from_secs(3),
-        || (metric(survivor, &frames_metric("demo", "video")) > 0.0).then_some(()),
+        || (metric_or_zero(survivor, &frames_metric("demo", "video")) > 0.0).then_some(()),
     );
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(3), "failover took {took:?}");
@@ -185,7 +185,7 @@ fn edge_without_a_fleet_certificate_is_refused() {
     let edge = start_edge(&env, &opts);
     let edge_admin = edge.addr("admin");
     wait_for("refusals at the core", Duration::from_secs(10), || {
-        (metric(
+        (metric_or_zero(
             core_admin,
             "livepop_relay_refused_total{reason=\"handshake\"}",
         ) >= 2.0)
@@ -237,6 +237,74 @@ fn unknown_key_is_rejected_without_logging_it() {
         ),
         1.0
     );
+}
+
+/// The one `onStatus` a refused publish is answered with.
+fn refusal(rtmp: std::net::SocketAddr, key: &str) -> ServerCommand {
+    let Err(cmds) = RawPublisher::try_publish(rtmp, key) else {
+        panic!("publishing with {key:?} was accepted");
+    };
+    let status: Vec<&ServerCommand> = cmds.iter().filter(|c| c.name == "onStatus").collect();
+    assert_eq!(status.len(), 1, "{cmds:?}");
+    let s = status[0].clone();
+    // As nginx-rtmp and SRS send it, and FFmpeg and librtmp (OBS) read it: on the publish's
+    // stream, not the connection's, level "error", no transaction.
+    assert_eq!(s.info.get("level").map(String::as_str), Some("error"), "{s:?}");
+    assert_ne!(s.stream_id, 0, "{s:?}");
+    assert_eq!(s.transaction_id, 0.0, "{s:?}");
+    s
+}
+
+/// A refused publish carries the status code the README names, not only its text: an unknown
+/// key and a stream already live get NetStream.Publish.BadName; the connection then closes.
+#[test]
+fn refusals_carry_the_rtmp_status_code() {
+    let env = Env::new();
+    let core = start_core(&env, "core-1", "127.0.0.1:0");
+    let edge = start_edge(
+        &env,
+        &EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]),
+    );
+    let rtmp = edge.addr("rtmp");
+    let s = refusal(rtmp, "no-such-key");
+    assert_eq!(s.info["code"], "NetStream.Publish.BadName");
+    assert_eq!(s.info["description"], "unknown stream key");
+    let mut live = RawPublisher::publish(rtmp, "demo-key");
+    let s = refusal(rtmp, "demo-key");
+    assert_eq!(s.info["code"], "NetStream.Publish.BadName");
+    assert_eq!(s.info["description"], "stream demo is already being published");
+    assert!(live.send(&[]), "the first publisher is unharmed");
+    assert!(!closed_by_peer(&mut live.s, Duration::from_millis(300)));
+    let rejected = |r: &str| {
+        metric(
+            edge.addr("admin"),
+            &format!("livepop_ingest_rejected_total{{reason=\"{r}\"}}"),
+        )
+    };
+    assert_eq!((rejected("auth"), rejected("duplicate")), (1.0, 1.0));
+}
+
+/// An authentication webhook that cannot be reached: NetStream.Publish.Failed (the key may be
+/// good; the publisher should retry), not BadName.
+#[test]
+fn a_failing_auth_webhook_answers_publish_failed() {
+    let env = Env::new();
+    let core = start_core(&env, "core-1", "127.0.0.1:0");
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.extra_auth = format!("[auth.webhook]\nurl = \"http://{dead}/auth\"\ntimeout_ms = 1000\n");
+    let edge = start_edge(&env, &opts);
+    let s = refusal(edge.addr("rtmp"), "some-key");
+    assert_eq!(s.info["code"], "NetStream.Publish.Failed");
+    assert!(
+        s.info["description"].starts_with("authentication webhook failed"),
+        "{s:?}"
+    );
+    assert!(!edge.log_text().contains("some-key"));
 }
 
 #[test]
@@ -363,7 +431,7 @@ fn webhook_case(https: bool) {
     wait_for(
         "frames of the hooked stream",
         Duration::from_secs(10),
-        || (metric(core_admin, &frames_metric("hooked", "video")) > 30.0).then_some(()),
+        || (metric_or_zero(core_admin, &frames_metric("hooked", "video")) > 30.0).then_some(()),
     );
     let mut bad = ffmpeg_publish(&format!("rtmp://{rtmp}/live/bad-key"), 3, "320x240", None);
     assert!(!wait_child(&mut bad, Duration::from_secs(30)));

@@ -13,9 +13,15 @@ const stats = {
   buffer: 0,
   level: -1,
   levels: [],
-  stalls: [], // { start, duration } in seconds of page time; duration null while stalled
+  // { start, duration, cause } in seconds of page time; duration null while stalled. Kept across
+  // the page's own reloads of the stream (see reload()): a viewer sees those stalls too.
+  stalls: [],
   playingSince: null, // page time (s) playback first began
-  recoveries: 0, // stalls ended by jumping to the live edge
+  // Every time the page had to rescue playback: { t, kind: 'jump' (watchdog), 'media'
+  // (hls.recoverMediaError) or 'reload' (new hls.js instance), … }. For the page's whole life.
+  recoveries: [],
+  // Every error: { t, source: 'hls.js' (fatal or not, with its type and details), 'play' (a
+  // rejected video.play()) or 'video' (the media element's own), … }. For the page's whole life.
   errors: [],
   // The last events (part/segment loads, level switches, errors, stalls), for diagnosing a stall.
   events: [],
@@ -23,6 +29,8 @@ const stats = {
 window.livepopStats = stats;
 let hls = null;
 let stallStart = null;
+// From a reload until the video plays again: the watchdog leaves the new instance's start alone.
+let reloading = false;
 
 // Seconds buffered ahead of the playhead.
 function ahead() {
@@ -38,9 +46,32 @@ function ranges(tr) {
   return tr ? Array.from({ length: tr.length }, (_, i) => [secs(tr.start(i)), secs(tr.end(i))]) : null;
 }
 
+// Page time in seconds, the clock of every record in stats.
+const now = () => performance.now() / 1000;
+
 function note(what, detail) {
-  stats.events.push({ t: secs(performance.now() / 1000), what, ...detail });
+  stats.events.push({ t: secs(now()), what, ...detail });
   if (stats.events.length > 2000) stats.events.splice(0, 500);
+}
+
+function recordError(source, detail) {
+  const e = { t: secs(now()), source, ...detail };
+  stats.errors.push(e);
+  note('error', e);
+}
+
+function recordRecovery(kind, detail) {
+  const r = { t: secs(now()), kind, ...detail };
+  stats.recoveries.push(r);
+  note('recovery', r);
+}
+
+// The picture stops: a stall begins unless one is already under way.
+function stallBegins(cause) {
+  if (!stats.playing || stallStart !== null) return;
+  stallStart = performance.now();
+  stats.stalls.push({ start: stallStart / 1000, duration: null, cause });
+  note('waiting', { cause, currentTime: video.currentTime, ranges: ranges(video.buffered) });
 }
 
 function message(text) {
@@ -60,13 +91,31 @@ function signedUrl() {
 
 function play(name, signed) {
   if (stats.stream === name) return;
-  if (hls) hls.destroy();
+  // Another stream: its figures start afresh (errors and recoveries are the page's).
   Object.assign(stats, { stream: name, playing: false, level: -1, levels: [], stalls: [], playingSince: null });
   stallStart = null;
+  reloading = false;
   const url = signed || `/live/${encodeURIComponent(name)}/master.m3u8`;
   $('url').textContent = url;
   history.replaceState(null, '', signed ? `?url=${encodeURIComponent(signed)}` : `?stream=${encodeURIComponent(name)}`);
   markCurrent();
+  start(url);
+}
+
+// After a fatal network error: a new hls.js instance on the same stream. The stream's figures
+// (stalls, playingSince) carry on, and the picture counts as stalled from here until the video
+// plays again, so what a viewer lived through stays in the record.
+function reload(url, details) {
+  recordRecovery('reload', { details });
+  stallBegins('reload');
+  reloading = true;
+  start(url);
+}
+
+// Plays url with a new hls.js instance (in place of the current one).
+function start(url) {
+  if (hls) hls.destroy();
+  hls = null;
   if (typeof Hls === 'undefined') {
     message('hls.js is not installed on this edge: run `npm ci --prefix web` and rebuild livepop.');
     return;
@@ -91,7 +140,7 @@ function play(name, signed) {
     const q = $('quality');
     q.replaceChildren(new Option('Auto', '-1'));
     data.levels.forEach((l, i) => q.add(new Option(`${l.height}p (${Math.round(l.bitrate / 1000)} kbit/s)`, String(i))));
-    video.play().catch((e) => stats.errors.push(`play: ${e.message}`));
+    video.play().catch((e) => recordError('play', { details: e.name, message: e.message }));
   });
   hls.on(Hls.Events.LEVEL_SWITCHED, (_e, data) => { stats.level = data.level; note('level', { level: data.level }); });
   hls.on(Hls.Events.FRAG_BUFFERED, (_e, { frag, part, stats: s }) => {
@@ -112,17 +161,28 @@ function play(name, signed) {
   hls.on(Hls.Events.BUFFER_APPENDED, (_e, { type, timeRanges }) => {
     note('appended', { type, ranges: ranges(timeRanges && timeRanges[type]) });
   });
+  const mine = hls;
   hls.on(Hls.Events.ERROR, (_e, data) => {
-    note('error', { details: data.details, fatal: data.fatal });
-    stats.errors.push(`${data.type}: ${data.details}${data.fatal ? ' (fatal)' : ''}`);
+    const frag = data.part || data.frag;
+    recordError('hls.js', {
+      type: data.type, details: data.details, fatal: !!data.fatal,
+      message: data.error ? data.error.message : data.reason,
+      code: data.response ? data.response.code : undefined,
+      frag: frag ? { level: frag.level, sn: frag.sn, part: data.part ? data.part.index : null } : undefined,
+    });
     if (!data.fatal) return;
     if (data.response && data.response.code === 403) {
       // A signed stream without a valid token: retrying cannot help.
       message('This stream needs a valid signed URL (livepop sign-url); open it as ?url=<signed URL>.');
       return;
     }
-    if (data.type === Hls.ErrorTypes.MEDIA_ERROR) hls.recoverMediaError();
-    else setTimeout(() => { const n = stats.stream; stats.stream = null; play(n, signed); }, 2000);
+    if (data.type === Hls.ErrorTypes.MEDIA_ERROR) {
+      recordRecovery('media', { details: data.details });
+      mine.recoverMediaError();
+    } else {
+      // Unless another stream or reload has replaced this instance meanwhile.
+      setTimeout(() => { if (hls === mine) reload(url, data.details); }, 2000);
+    }
   });
   hls.loadSource(url);
   hls.attachMedia(video);
@@ -133,32 +193,32 @@ $('quality').addEventListener('change', (e) => {
 });
 
 // A stall: the video waits for data after it has started playing.
-video.addEventListener('waiting', () => {
-  if (stats.playing && stallStart === null) {
-    stallStart = performance.now();
-    stats.stalls.push({ start: stallStart / 1000, duration: null });
-    note('waiting', { currentTime: video.currentTime, ranges: ranges(video.buffered) });
-  }
-});
+video.addEventListener('waiting', () => stallBegins('waiting'));
 video.addEventListener('playing', () => {
-  if (!stats.playing) stats.playingSince = performance.now() / 1000;
+  if (!stats.playing) stats.playingSince = now();
   stats.playing = true;
+  reloading = false;
   if (stallStart !== null) {
     stats.stalls[stats.stalls.length - 1].duration = (performance.now() - stallStart) / 1000;
     stallStart = null;
     note('playing', { currentTime: video.currentTime });
   }
 });
+// The media element's own errors (decode, unsupported media): hls.js may not see them all.
+video.addEventListener('error', () => {
+  const e = video.error;
+  if (e) recordError('video', { details: e.code, message: e.message });
+});
 
 function update() {
   // Watchdog: hls.js sometimes stops loading after skipping a buffer hole (seen at start-up);
   // a stall longer than 1 s jumps to the live edge, which restarts loading there.
-  if (stallStart !== null && hls && performance.now() - stallStart > 1000 && !update.jumped) {
+  if (stallStart !== null && hls && !reloading && performance.now() - stallStart > 1000 && !update.jumped) {
     const edge = hls.liveSyncPosition;
     if (edge && edge > video.currentTime) {
       update.jumped = true;
-      stats.recoveries += 1;
-      note('jump', { from: video.currentTime, to: edge });
+      const stalled = secs(now() - stallStart / 1000);
+      recordRecovery('jump', { from: secs(video.currentTime), to: secs(edge), stalled_s: stalled });
       video.currentTime = edge;
     }
   }

@@ -251,9 +251,6 @@ impl ChunkReader {
             if fmt != 0 && !cs.has_header {
                 return Err(ChunkError::NoPreviousHeader { csid, fmt });
             }
-            if fmt != 3 && cs.partial.is_some() {
-                return Err(ChunkError::UnfinishedMessage { csid });
-            }
 
             // Decode the header into local values; commit only when the whole chunk is here.
             let mut ts_field = cs.ts_field;
@@ -284,6 +281,13 @@ impl ChunkReader {
                     ts_field = ext;
                 }
             }
+            // A full header in the middle of a message: FFmpeg's reader continues the message
+            // when the header describes the same message (rml_rtmp's writer sends every chunk
+            // of an uncompressed message with a type 0 header); anything else is an error.
+            let resumed = fmt != 3 && cs.partial.is_some();
+            if resumed && (length, type_id, stream_id) != (cs.length, cs.type_id, cs.stream_id) {
+                return Err(ChunkError::UnfinishedMessage { csid });
+            }
             if length as usize > self.limits.max_message_bytes {
                 return Err(ChunkError::MessageTooLarge {
                     size: length as usize,
@@ -305,7 +309,7 @@ impl ChunkReader {
                     _ => cs.timestamp.wrapping_add(ts_field),
                 };
             }
-            if fmt <= 2 {
+            if fmt <= 2 && !resumed {
                 cs.ts_field = ts_field;
                 cs.extended = extended;
             }
@@ -513,7 +517,10 @@ mod tests {
         let mut r = ChunkReader::new(ChunkLimits::default());
         r.push(&message(2, 0, 1, 0, &0u32.to_be_bytes(), 128))
             .unwrap();
-        assert!(r.next_message().is_err());
+        assert!(matches!(
+            r.next_message(),
+            Err(ChunkError::BadChunkSize { size: 0, .. })
+        ));
     }
 
     #[test]
@@ -574,5 +581,116 @@ mod tests {
                 while let Ok(Some(_)) = r.next_message() {}
             }
         }
+    }
+
+    /// Chunks written by an independent writer (rml_rtmp's serializer, as its client sessions
+    /// send them), not by this module's own helper: header compression (types 1, 2 and 3),
+    /// timestamps across the 24-bit field into the extended timestamp, deltas across the 32-bit
+    /// wrap, Set Chunk Size changes between messages, messages of one byte to several chunks,
+    /// all fed in uneven pieces.
+    #[test]
+    fn an_independent_writers_chunks_reassemble() {
+        use rml_rtmp::chunk_io::ChunkSerializer;
+        use rml_rtmp::messages::MessagePayload;
+        use rml_rtmp::time::RtmpTimestamp;
+
+        let mut ser = ChunkSerializer::new();
+        let mut wire = Vec::new();
+        let mut want = Vec::new();
+        let mut n = 0u32;
+        let mut send = |ser: &mut ChunkSerializer, wire: &mut Vec<u8>, ts: u32, type_id: u8, len: usize| {
+            n += 1;
+            let data: Vec<u8> = (0..len).map(|i| (i as u32 ^ n.wrapping_mul(97)) as u8).collect();
+            let m = MessagePayload {
+                timestamp: RtmpTimestamp::new(ts),
+                type_id,
+                message_stream_id: 1,
+                data: Bytes::from(data.clone()),
+            };
+            wire.extend(ser.serialize(&m, false, false).unwrap().bytes);
+            want.push((ts, type_id, data));
+        };
+        // Before and across 0xFFFFFF (16777.215 s), with a fixed delta (type 3 headers), a
+        // varying one (type 2) and a new length (type 1).
+        let mut ts = 0xFF_FF00u32;
+        for i in 0..20 {
+            send(&mut ser, &mut wire, ts, 9, 100 + (i % 3) * 50);
+            send(&mut ser, &mut wire, ts + 5, 8, 20);
+            ts += 33;
+        }
+        // Far past it: deltas themselves extended.
+        for t in [0x0200_0000u32, 0x0400_0000, 0x7FFF_FFFF] {
+            send(&mut ser, &mut wire, t, 9, 300);
+        }
+        wire.extend(
+            ser.set_max_chunk_size(4096, RtmpTimestamp::new(0))
+                .unwrap()
+                .bytes,
+        );
+        // Across the 32-bit wrap: the writer sends wrapped deltas.
+        let mut ts = 0xFFFF_FF00u32;
+        for _ in 0..12 {
+            send(&mut ser, &mut wire, ts, 9, 5000);
+            send(&mut ser, &mut wire, ts.wrapping_add(3), 8, 1);
+            ts = ts.wrapping_add(40);
+        }
+        wire.extend(ser.set_max_chunk_size(1, RtmpTimestamp::new(0)).unwrap().bytes);
+        send(&mut ser, &mut wire, 1000, 18, 37);
+        wire.extend(
+            ser.set_max_chunk_size(65_536, RtmpTimestamp::new(0))
+                .unwrap()
+                .bytes,
+        );
+        send(&mut ser, &mut wire, 1040, 9, 200_000);
+        send(&mut ser, &mut wire, 1080, 9, 65_536);
+
+        let mut r = ChunkReader::new(ChunkLimits::default());
+        let mut got = Vec::new();
+        let mut rest = &wire[..];
+        let mut step = 1;
+        while !rest.is_empty() {
+            let k = step.min(rest.len());
+            r.push(&rest[..k]).unwrap();
+            rest = &rest[k..];
+            got.extend(all(&mut r));
+            step = step % 997 + 13;
+        }
+        assert_eq!(r.chunk_size(), 65_536);
+        assert_eq!(got.len(), want.len());
+        for (i, (m, (ts, type_id, data))) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                (m.timestamp, m.type_id, m.stream_id),
+                (*ts, *type_id, 1),
+                "message {i}"
+            );
+            assert_eq!(m.payload.as_ref(), &data[..], "message {i}");
+        }
+        assert_eq!(r.buffered(), 0);
+    }
+
+    /// A full header mid-message continues the message only if it describes the same message.
+    #[test]
+    fn a_full_header_mid_message_must_describe_that_message() {
+        let payload = vec![7u8; 200];
+        let first = &message(6, 10, 9, 1, &payload, 128)[..12 + 128];
+        // The rest under a type 0 header of the same message: accepted (FFmpeg does).
+        let mut same = first.to_vec();
+        same.extend(type0(6, 10, 200, 9, 1));
+        same.extend(&payload[128..]);
+        let mut r = ChunkReader::new(ChunkLimits::default());
+        r.push(&same).unwrap();
+        let got = all(&mut r);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].timestamp, got[0].payload.len()), (10, 200));
+        // A header of another length: the unfinished message is an error, not spliced.
+        let mut other = first.to_vec();
+        other.extend(type0(6, 10, 72, 9, 1));
+        other.extend(&payload[128..]);
+        let mut r = ChunkReader::new(ChunkLimits::default());
+        r.push(&other).unwrap();
+        assert_eq!(
+            r.next_message(),
+            Err(ChunkError::UnfinishedMessage { csid: 6 })
+        );
     }
 }

@@ -227,9 +227,18 @@ mod tests {
                 ..
             }
         ));
-        assert!(parse_video(&Bytes::from_static(&[0x17, 1])).is_err());
-        assert!(parse_video(&Bytes::from_static(&[0x12, 1, 0, 0, 0])).is_err()); // H.263
-        assert!(parse_video(&Bytes::new()).is_err());
+        assert_eq!(
+            parse_video(&Bytes::from_static(&[0x17, 1])),
+            Err(FlvError::Truncated("video"))
+        );
+        assert_eq!(
+            parse_video(&Bytes::from_static(&[0x12, 1, 0, 0, 0])), // H.263
+            Err(FlvError::Unsupported {
+                kind: "video",
+                id: "2".into()
+            })
+        );
+        assert_eq!(parse_video(&Bytes::new()), Err(FlvError::Truncated("video")));
         assert_eq!(
             parse_video(&Bytes::from_static(&[0x17, 0, 0, 0, 0])).unwrap(),
             VideoTag::Nothing
@@ -248,8 +257,17 @@ mod tests {
             parse_audio(&Bytes::from_static(&[0xAF, 1, 9, 9])).unwrap(),
             AudioTag::Frame(Bytes::from_static(&[9, 9]))
         );
-        assert!(parse_audio(&Bytes::from_static(&[0xAF, 0, 0x12])).is_err());
-        assert!(parse_audio(&Bytes::from_static(&[0x7F, 0])).is_err()); // G.711
+        assert!(matches!(
+            parse_audio(&Bytes::from_static(&[0xAF, 0, 0x12])),
+            Err(FlvError::Config(media::ConfigParseError::Truncated { len: 1, .. }))
+        ));
+        assert_eq!(
+            parse_audio(&Bytes::from_static(&[0x7F, 0])), // G.711
+            Err(FlvError::Unsupported {
+                kind: "audio",
+                id: "7".into()
+            })
+        );
     }
 
     #[test]
@@ -269,6 +287,12 @@ mod tests {
             VideoTag::Frame { keyframe: true, .. }
         ));
         let v = Bytes::from_static(&[0x90, b'a', b'v', b'0', b'1']);
-        assert!(parse_video(&v).is_err());
+        assert_eq!(
+            parse_video(&v),
+            Err(FlvError::Unsupported {
+                kind: "video",
+                id: "av01".into()
+            })
+        );
     }
 }

@@ -10,7 +10,8 @@ use super::flv::{self, AudioTag, FlvError, VideoTag};
 use crate::media::{AudioConfig, Frame, Metadata, TimestampUnwrapper, TrackKind, VideoConfig};
 use bytes::Bytes;
 use rml_rtmp::chunk_io::ChunkSerializer;
-use rml_rtmp::messages::MessagePayload;
+use rml_amf0::Amf0Value;
+use rml_rtmp::messages::{MessagePayload, RtmpMessage};
 use rml_rtmp::sessions::{
     ServerSession, ServerSessionConfig, ServerSessionError, ServerSessionEvent, ServerSessionResult,
 };
@@ -70,6 +71,10 @@ pub struct IngestSession {
     video_ts: TimestampUnwrapper,
     audio_ts: TimestampUnwrapper,
     mp3_config_sent: bool,
+    /// Message stream id of each publish request not yet answered.
+    publish_streams: Vec<(u32, u32)>,
+    /// Message stream id of the message being handed to rml_rtmp.
+    command_stream: u32,
 }
 
 /// Checks an AMF0-bearing message before rml_rtmp parses it. rml_amf0 recurses once per
@@ -98,6 +103,9 @@ fn check_amf0(type_id: u8, payload: &[u8]) -> Result<(), SessionError> {
     Ok(())
 }
 
+/// The chunk size of what we send to the client.
+const OUT_CHUNK_SIZE: u32 = 4096;
+
 /// The chunk size used between our chunk layer and rml_rtmp: each message is one chunk.
 const RECHUNK_SIZE: u32 = 0xFF_FFFF;
 
@@ -105,7 +113,7 @@ impl IngestSession {
     /// A session that accepts publishers on application `app`; returns the bytes to send first.
     pub fn new(app: &str, limits: ChunkLimits) -> Result<(Self, Vec<Bytes>), SessionError> {
         let mut cfg = ServerSessionConfig::new();
-        cfg.chunk_size = 4096;
+        cfg.chunk_size = OUT_CHUNK_SIZE;
         let (mut rml, initial) = ServerSession::new(cfg)?;
         let mut rechunk = ChunkSerializer::new();
         // Tell rml_rtmp's deserializer that every message arrives as one chunk.
@@ -128,6 +136,8 @@ impl IngestSession {
                 video_ts: TimestampUnwrapper::default(),
                 audio_ts: TimestampUnwrapper::default(),
                 mp3_config_sent: false,
+                publish_streams: Vec::new(),
+                command_stream: 0,
             },
             out,
         ))
@@ -158,6 +168,7 @@ impl IngestSession {
                 .rechunk
                 .serialize(&payload, true, false)
                 .map_err(|e| SessionError::Rtmp(e.to_string()))?;
+            self.command_stream = payload.message_stream_id;
             let results = self.rml_call(|rml| rml.handle_input(&packet.bytes))?;
             self.process(results, arrival_us, &mut events)?;
         }
@@ -172,17 +183,49 @@ impl IngestSession {
         Ok(events)
     }
 
-    /// Rejects a publish request with an RTMP error status (`code`, `description`).
+    /// Rejects a publish request with an RTMP error status (`code`, `description`): an
+    /// `onStatus` with level `error` on the request's stream, as nginx-rtmp and SRS send it and
+    /// FFmpeg and OBS (librtmp) read it. rml_rtmp would send an `_error` result with level
+    /// `_error` instead, which librtmp does not take as the publish's answer. The connection
+    /// must end after this: the bytes bypass rml_rtmp's header compression state.
     pub fn reject_publish(
         &mut self,
         request_id: u32,
         code: &str,
         description: &str,
     ) -> Result<Vec<SessionEvent>, SessionError> {
-        let results = self.rml_call(|rml| rml.reject_request(request_id, code, description))?;
-        let mut events = vec![];
-        self.process(results, 0, &mut events)?;
-        Ok(events)
+        // Let rml_rtmp forget the request; its own answer is not sent.
+        self.rml_call(|rml| rml.reject_request(request_id, code, description))?;
+        let stream_id = self
+            .publish_streams
+            .iter()
+            .find(|(r, _)| *r == request_id)
+            .map_or(1, |(_, s)| *s);
+        self.publish_streams.retain(|(r, _)| *r != request_id);
+        let info: std::collections::HashMap<String, Amf0Value> = [
+            ("level", "error"),
+            ("code", code),
+            ("description", description),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Amf0Value::Utf8String(v.to_string())))
+        .collect();
+        let msg = RtmpMessage::Amf0Command {
+            command_name: "onStatus".into(),
+            transaction_id: 0.0,
+            command_object: Amf0Value::Null,
+            additional_arguments: vec![Amf0Value::Object(info)],
+        };
+        let rtmp = |e: &dyn std::fmt::Display| SessionError::Rtmp(e.to_string());
+        let payload = msg
+            .into_message_payload(RtmpTimestamp::new(0), stream_id)
+            .map_err(|e| rtmp(&e))?;
+        // Chunked at the size rml_rtmp announced to the client (its SetChunkSize was sent).
+        let mut ser = ChunkSerializer::new();
+        ser.set_max_chunk_size(OUT_CHUNK_SIZE, RtmpTimestamp::new(0))
+            .map_err(|e| rtmp(&e))?;
+        let packet = ser.serialize(&payload, true, false).map_err(|e| rtmp(&e))?;
+        Ok(vec![SessionEvent::Send(Bytes::from(packet.bytes))])
     }
 
     /// rml_rtmp must not take the process down on input we have not anticipated.
@@ -240,6 +283,13 @@ impl IngestSession {
                 stream_key,
                 ..
             } => {
+                // rml_rtmp answers on the message stream the publish command came on.
+                let stream_id = self.command_stream;
+                // Bounded: rml_rtmp allows one publish per stream id, and a refusal ends the
+                // connection.
+                if self.publish_streams.len() < 16 {
+                    self.publish_streams.push((request_id, stream_id));
+                }
                 // Encoders may append query parameters to the key; they are not part of it.
                 let key = stream_key.split('?').next().unwrap_or("").to_string();
                 events.push(SessionEvent::PublishRequested { request_id, key });

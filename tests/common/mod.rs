@@ -298,17 +298,74 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// The value of one Prometheus sample (`name{labels}` exactly as rendered), 0 if absent.
+/// One Prometheus sample, `name` or `name{labels}` exactly as rendered (the prometheus crate
+/// sorts labels by name), or None when the process exports no such sample. Panics when
+/// /metrics does not answer.
+pub fn metric_opt(addr: SocketAddr, sample: &str) -> Option<f64> {
+    let body = metrics_text(addr);
+    body.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == sample).then(|| v.parse().ok()).flatten()
+    })
+}
+
+fn metrics_text(addr: SocketAddr) -> String {
+    match http_get(addr, "/metrics") {
+        Some((200, body)) => body,
+        other => panic!("GET http://{addr}/metrics: {other:?}"),
+    }
+}
+
+/// The value of a sample that must exist: an absent one fails (a renamed metric or label
+/// must not read as 0). Where absence is legitimate, say so with `metric_or_zero`.
 pub fn metric(addr: SocketAddr, sample: &str) -> f64 {
-    let Some((200, body)) = http_get(addr, "/metrics") else {
-        return f64::NAN;
-    };
-    body.lines()
-        .find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == sample).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+    metric_opt(addr, sample).unwrap_or_else(|| {
+        let family = sample.split('{').next().unwrap_or(sample);
+        let near: Vec<String> = metrics_text(addr)
+            .lines()
+            .filter(|l| l.starts_with(family))
+            .map(String::from)
+            .collect();
+        panic!("metric sample `{sample}` is absent from http://{addr}/metrics; {family}: {near:?}")
+    })
+}
+
+/// Where every metric livepop exports is declared.
+const TELEMETRY: &str = include_str!("../../src/telemetry.rs");
+
+/// A sample of a labelled family that may legitimately not exist yet: the prometheus crate
+/// shows a label set only from its first use, so "never happened" is absence, read as 0 here.
+/// The family must be one src/telemetry.rs declares (absence would hide a misspelt name) and
+/// the labels must be rendered as the crate does (sorted by name).
+pub fn metric_or_zero(addr: SocketAddr, sample: &str) -> f64 {
+    let family = sample.split('{').next().unwrap_or(sample);
+    let base = ["_bucket", "_count", "_sum"]
+        .iter()
+        .find_map(|s| family.strip_suffix(*s))
+        .unwrap_or(family);
+    assert!(
+        TELEMETRY.contains(&format!("\"{family}\"")) || TELEMETRY.contains(&format!("\"{base}\"")),
+        "metric `{family}` is declared nowhere in src/telemetry.rs: misspelt?"
+    );
+    if let Some(labels) = sample
+        .split_once('{')
+        .and_then(|(_, l)| l.strip_suffix('}'))
+    {
+        let names: Vec<&str> = labels
+            .split(',')
+            .map(|kv| kv.split('=').next().unwrap_or(""))
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted, "labels of `{sample}` as rendered: sorted by name");
+        for n in names {
+            assert!(
+                n == "le" || TELEMETRY.contains(&format!("\"{n}\"")),
+                "label `{n}` of `{sample}` is declared nowhere in src/telemetry.rs: misspelt?"
+            );
+        }
+    }
+    metric_opt(addr, sample).unwrap_or(0.0)
 }
 
 pub fn frames_metric(stream: &str, track: &str) -> String {
@@ -729,19 +786,86 @@ pub fn rtmp_handshake_over(s: &mut (impl Read + Write)) -> Vec<u8> {
     }
 }
 
+/// A command the server sent after a publish request (e.g. the refusal's `onStatus`), decoded
+/// by rml_rtmp's own chunk deserializer and AMF0 decoder, independently of livepop's reader.
+#[derive(Debug, Clone)]
+pub struct ServerCommand {
+    pub name: String,
+    pub transaction_id: f64,
+    /// The message stream it came on.
+    pub stream_id: u32,
+    /// The string properties of its info object (`level`, `code`, `description`).
+    pub info: std::collections::HashMap<String, String>,
+}
+
+/// Decodes every AMF0 command in the server's bytes, applying its Set Chunk Size.
+struct CommandTap(rml_rtmp::chunk_io::ChunkDeserializer);
+
+impl CommandTap {
+    fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<ServerCommand>) {
+        use rml_rtmp::messages::RtmpMessage;
+        while let Ok(Some(m)) = self.0.get_next_message(bytes) {
+            bytes = &[];
+            match m.to_rtmp_message() {
+                Ok(RtmpMessage::SetChunkSize { size }) => {
+                    self.0.set_max_chunk_size(size as usize).unwrap();
+                }
+                Ok(RtmpMessage::Amf0Command {
+                    command_name,
+                    transaction_id,
+                    additional_arguments,
+                    ..
+                }) => {
+                    let mut info = std::collections::HashMap::new();
+                    for a in additional_arguments {
+                        if let rml_amf0::Amf0Value::Object(props) = a {
+                            for (k, v) in props {
+                                if let rml_amf0::Amf0Value::Utf8String(v) = v {
+                                    info.insert(k, v);
+                                }
+                            }
+                        }
+                    }
+                    out.push(ServerCommand {
+                        name: command_name,
+                        transaction_id,
+                        stream_id: m.message_stream_id,
+                        info,
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 impl RawPublisher {
     /// Connects to app `live` and publishes with `key`; panics unless accepted.
     pub fn publish(addr: SocketAddr, key: &str) -> Self {
+        match Self::try_publish(addr, key) {
+            Ok(p) => p,
+            Err(cmds) => panic!("publish refused: {cmds:?}"),
+        }
+    }
+
+    /// Connects to app `live` and publishes with `key`. Refused: the commands the server sent
+    /// after the publish request, up to its closing the connection.
+    pub fn try_publish(addr: SocketAddr, key: &str) -> Result<Self, Vec<ServerCommand>> {
         let (mut s, leftover) = rtmp_handshake(addr);
         let (mut session, initial) = ClientSession::new(ClientSessionConfig::new()).unwrap();
         send_results(&mut s, initial);
         let r = session.request_connection("live".into()).unwrap();
         send_results(&mut s, vec![r]);
+        let mut tap = CommandTap(rml_rtmp::chunk_io::ChunkDeserializer::new());
+        let mut commands = vec![];
+        let mut after_publish = None;
         let mut pending = leftover;
         let mut connected = false;
         let mut buf = [0u8; 8192];
         loop {
-            let results = session.handle_input(&pending).unwrap();
+            tap.feed(&pending, &mut commands);
+            // The client session may not understand a refusal; the tap decodes it anyway.
+            let results = session.handle_input(&pending).unwrap_or_default();
             pending.clear();
             for e in send_results(&mut s, results) {
                 match e {
@@ -751,9 +875,10 @@ impl RawPublisher {
                             .request_publishing(key.into(), PublishRequestType::Live)
                             .unwrap();
                         send_results(&mut s, vec![r]);
+                        after_publish = Some(commands.len());
                     }
                     ClientSessionEvent::PublishRequestAccepted => {
-                        return RawPublisher { s, session };
+                        return Ok(RawPublisher { s, session });
                     }
                     ClientSessionEvent::ConnectionRequestRejected { description } => {
                         panic!("connect rejected: {description}")
@@ -761,8 +886,11 @@ impl RawPublisher {
                     _ => {}
                 }
             }
-            let n = s.read(&mut buf).unwrap();
-            assert!(n > 0, "server closed before accepting the publish");
+            let n = s.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                let from = after_publish.expect("server closed before the publish request");
+                return Err(commands.split_off(from.min(commands.len())));
+            }
             pending.extend_from_slice(&buf[..n]);
         }
     }

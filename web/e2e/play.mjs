@@ -2,7 +2,8 @@
 // playwright-core) and prints what happened as one JSON object on stdout:
 //   node web/e2e/play.mjs URL SECONDS SCREENSHOT.png
 // Used by tests/browser.rs (assertions live there) and bench/latency.sh. Samples the page's
-// window.livepopStats every 250 ms once the video plays.
+// window.livepopStats every 250 ms once the video plays, then takes its whole record (stalls,
+// errors, recoveries, events); console errors and uncaught exceptions from page load on.
 import { chromium } from 'playwright-core';
 
 const [url, seconds = '20', screenshot = ''] = process.argv.slice(2);
@@ -20,12 +21,16 @@ const browser = await chromium.launch({
     '--autoplay-policy=no-user-gesture-required',
   ],
 });
-const out = { url, startup_s: null, samples: [], stalls: [], levels: [], errors: [], console: [] };
+const out = { url, startup_s: null, samples: [], stalls: [], levels: [], errors: [], recoveries: [], console: [] };
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-  page.on('console', (m) => { if (m.type() === 'error') out.console.push(m.text()); });
-  page.on('pageerror', (e) => out.console.push(String(e)));
   const t0 = Date.now();
+  // Seconds since the page was opened (the samples' clock); url: what a failed load was for.
+  const since = () => (Date.now() - t0) / 1000;
+  page.on('console', (m) => {
+    if (m.type() === 'error') out.console.push({ t: since(), text: m.text(), url: m.location().url });
+  });
+  page.on('pageerror', (e) => out.console.push({ t: since(), text: String(e) }));
   await page.goto(url);
   // Start-up: until the video plays (bounded).
   await page.waitForFunction(() => window.livepopStats && window.livepopStats.playing, null, { timeout: 30000, polling: 100 });
@@ -43,7 +48,7 @@ try {
   const final = await page.evaluate(() => {
     const s = window.livepopStats;
     const now = performance.now() / 1000;
-    return { ...s, stalls: s.stalls.map((x) => ({ start: x.start, duration: x.duration ?? now - x.start })) };
+    return { ...s, stalls: s.stalls.map((x) => ({ ...x, duration: x.duration ?? now - x.start })) };
   });
   out.stalls = final.stalls;
   out.playing_since = final.playingSince;
