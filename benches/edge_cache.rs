@@ -7,7 +7,8 @@
 //! 2. Coalesced fan-out: N clients (each `--fanout` value) are blocked on the next part with
 //!    `_HLS_msn`/`_HLS_part` through the cache; for each of `--parts` parts, the time from the
 //!    part's completion at the core (`livepop-changed-us`, passed through by every cache) to the
-//!    last of the N responses.
+//!    last of the N responses. And per part, how many requests for it the core's origin got
+//!    (its access log): one when the cache coalesces its viewers into one fill.
 //!
 //! Run: `bash bench/edge.sh` (installs nginx and Varnish).
 
@@ -24,8 +25,11 @@ use tokio::sync::{mpsc, watch};
 mod common;
 #[path = "support/peers.rs"]
 mod peers;
-use common::{arg, preload_hint as hint};
+use common::{arg, message_is, preload_hint as hint};
 use peers::{cpu_of, publish_test_stream, servers};
+
+/// The media playlist the fan-out blocks on.
+const FANOUT_PLAYLIST: &str = "/live/demo/src/index.m3u8";
 
 fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -184,13 +188,13 @@ async fn throughput(addr: SocketAddr, path: &str, conns: usize, secs: u64) -> (f
 }
 
 /// Coalesced fan-out through `addr`: per part, ms from completion at the core to the last of
-/// `n` responses.
+/// `n` responses; the errors; the (msn, part) asked for in each round, warm-up included.
 async fn fanout(
     addr: SocketAddr,
     origin: SocketAddr,
     n: usize,
     rounds: usize,
-) -> (Vec<f64>, usize) {
+) -> (Vec<f64>, usize, Vec<(u64, u64)>) {
     let (target_tx, target_rx) = watch::channel::<Option<(u64, u64)>>(None);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, u64)>();
     let mut conns = Vec::with_capacity(n);
@@ -215,7 +219,7 @@ async fn fanout(
                 let Some((m, p)) = *rx.borrow_and_update() else {
                     return;
                 };
-                let path = format!("/live/demo/src/index.m3u8?_HLS_msn={m}&_HLS_part={p}");
+                let path = format!("{FANOUT_PLAYLIST}?_HLS_msn={m}&_HLS_part={p}");
                 match get(&mut c, &mut buf, &path).await {
                     Ok((200, changed, _)) => {
                         let _ = tx.send((changed, now_us()));
@@ -232,11 +236,13 @@ async fn fanout(
     }
     let mut last = vec![];
     let mut errors = 0;
+    let mut targets = vec![];
     for round in 0..rounds + 2 {
         // Ask for the part after the hinted one, so that every client is surely waiting.
-        let pl = fetch_text(origin, "/live/demo/src/index.m3u8").await;
+        let pl = fetch_text(origin, FANOUT_PLAYLIST).await;
         let (m, p) = hint(&pl).expect("hint");
         target_tx.send(Some((m, p + 1))).unwrap();
+        targets.push((m, p + 1));
         let mut completed = u64::MAX;
         let mut latest = 0;
         for _ in 0..n {
@@ -257,7 +263,87 @@ async fn fanout(
     for t in tasks {
         t.abort();
     }
-    (last, errors)
+    (last, errors, targets)
+}
+
+/// Path, `_HLS_msn` and `_HLS_part` of a request URI as the core's origin logged it. Parsed,
+/// not compared as text: nginx passes the query as the client sent it, Varnish sorts it, the
+/// livepop edge puts it in canonical order.
+fn blocking_key(uri: &str) -> Option<(&str, u64, u64)> {
+    // An absolute URI (h2c) carries the scheme and authority before the path.
+    let uri = match uri.split_once("://") {
+        Some((_, rest)) => &rest[rest.find('/').unwrap_or(rest.len())..],
+        None => uri,
+    };
+    let (path, query) = uri.split_once('?')?;
+    let (mut msn, mut part) = (None, None);
+    for kv in query.split('&') {
+        match kv.split_once('=') {
+            Some(("_HLS_msn", v)) => msn = v.parse().ok(),
+            Some(("_HLS_part", v)) => part = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((path, msn?, part?))
+}
+
+/// For each of `targets`, the origin requests among the core's log `lines` for the fan-out
+/// playlist at that (msn, part). The bench's own origin fetches carry no `_HLS_msn`, so only
+/// the caches' fills count.
+fn origin_requests(lines: &[serde_json::Value], targets: &[(u64, u64)]) -> Vec<usize> {
+    let mut counts = vec![0; targets.len()];
+    for v in lines.iter().filter(|v| message_is(v, "origin request")) {
+        let Some((path, m, p)) = v["fields"]["uri"].as_str().and_then(blocking_key) else {
+            continue;
+        };
+        if path != FANOUT_PLAYLIST {
+            continue;
+        }
+        for (c, t) in counts.iter_mut().zip(targets) {
+            if *t == (m, p) {
+                *c += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// How many lines the core has logged so far, all of them read: the origin logs a request
+/// before answering it and its log comes through one pipe in order, so once a marker request
+/// sent now has been read, so have the fills of every object already answered.
+async fn core_log_synced(core: &common::Proc, origin: SocketAddr) -> usize {
+    let marker = format!("/bench-log-marker/{}", now_us());
+    fetch_text(origin, &marker).await;
+    core.wait_log(Duration::from_secs(10), |v| {
+        v["fields"]["uri"] == marker.as_str()
+    });
+    core.logs().len()
+}
+
+/// Per-round core requests for one object, as text: the count when every round had the same,
+/// else the spread; rounds where the core got more than one request (no coalescing) or none
+/// (not found in its log) are called out.
+fn describe(counts: &[usize]) -> String {
+    let Some(&first) = counts.first() else {
+        return "no rounds".into();
+    };
+    let total = counts.len();
+    let mut s = if counts.iter().all(|&c| c == first) {
+        format!("{first} (all {total} rounds)")
+    } else {
+        let mut v = counts.to_vec();
+        v.sort_unstable();
+        format!("min {} median {} max {}", v[0], v[total / 2], v[total - 1])
+    };
+    let over = counts.iter().filter(|&&c| c > 1).count();
+    if over > 0 {
+        s += &format!(", {over} of {total} rounds >1 (MORE THAN ONE ORIGIN REQUEST PER PART)");
+    }
+    let none = counts.iter().filter(|&&c| c == 0).count();
+    if none > 0 {
+        s += &format!(", {none} of {total} rounds with none logged");
+    }
+    s
 }
 
 fn main() {
@@ -274,12 +360,16 @@ fn main() {
     let env = common::Env::new();
     // 1/3 s parts and a short window keep the media playlist near 1.5 KB; at 450 kbit/s video
     // a part is about 20 KB.
-    let (core, edge, origin) =
-        peers::core_and_edge(&env, "window_segments = 3\npart_target_ms = 333");
+    // The access log counts the core's requests per fanned-out part.
+    let (core, edge, origin) = peers::core_and_edge(
+        &env,
+        "window_segments = 3\npart_target_ms = 333\naccess_log = true",
+    );
     let rtmp = edge.addr("rtmp");
     let edge_http = edge.addr("http");
     let mut ff = publish_test_stream(&format!("rtmp://{rtmp}/live/demo-key"), 450);
     let (peers, children_procs) = servers(env.path(), edge.pid(), edge_http, origin, with_peers);
+    let core_log = &core;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -341,9 +431,11 @@ fn main() {
             }
         }
         println!("coalesced fan-out: part completion at the core -> last of N responses through the cache (ms):");
+        let mut requests: Vec<(usize, &str, Vec<usize>)> = vec![];
         for &n in &fanouts {
             for p in &peers {
-                let (last, errors) = fanout(p.addr, origin, n, rounds).await;
+                let from = core_log_synced(core_log, origin).await;
+                let (last, errors, targets) = fanout(p.addr, origin, n, rounds).await;
                 println!(
                     "  N={n:<6} {:<13} p50 {:>7.1}  p99 {:>7.1}  max {:>7.1}  ({} parts, {errors} errors)",
                     p.name,
@@ -352,6 +444,33 @@ fn main() {
                     pct(&last, 1.0),
                     last.len()
                 );
+                let to = core_log_synced(core_log, origin).await;
+                let counts = origin_requests(&core_log.logs()[from..to], &targets);
+                println!(
+                    "  N={n:<6} {:<13} core requests per part: {}",
+                    p.name,
+                    describe(&counts)
+                );
+                requests.push((n, p.name, counts));
+            }
+        }
+        if !requests.is_empty() {
+            // As a Markdown table, for docs/benchmarks.md.
+            println!(
+                "core requests per fanned-out part (the core's access log, warm-ups included):"
+            );
+            let head: String = fanouts.iter().map(|n| format!(" N={n} |")).collect();
+            println!("| cache |{head}");
+            println!("| --- |{}", " --- |".repeat(fanouts.len()));
+            for p in &peers {
+                let cells: String = fanouts
+                    .iter()
+                    .map(|&n| {
+                        let r = requests.iter().find(|r| r.0 == n && r.1 == p.name);
+                        format!(" {} |", r.map(|r| describe(&r.2)).unwrap_or_default())
+                    })
+                    .collect();
+                println!("| {} |{cells}", p.name);
             }
         }
     });

@@ -60,3 +60,14 @@ install_web() {
     npm ci --prefix web --no-audit --no-fund "$@" >/dev/null
   fi
 }
+
+# cargo-fuzz for the test command's fuzz runs (fuzz/run.sh), built from crates.io with its own
+# lock file. The version is the one fuzz/run.sh was checked with; any later one with
+# `--sanitizer none` should do, so one already installed is kept.
+CARGO_FUZZ_VERSION=0.13.2
+install_cargo_fuzz() {
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "installing cargo-fuzz $CARGO_FUZZ_VERSION (cargo install)"
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --quiet
+  fi
+}

@@ -2,13 +2,27 @@
 # Runs every fuzz target with deep-nesting and max-size seeds on a 2 MiB stack (a tokio
 # worker's) and prints the exec counts as a markdown table for docs/benchmarks.md (issue 12).
 #
-#   bash fuzz/run.sh                          # all targets, 60 s each
+#   bash fuzz/run.sh                          # all targets, 60 s each, nightly + ASan (the bench)
 #   SECS=300 bash fuzz/run.sh amf0 rtmp_session
+#   SECS=60 SANITIZER=none bash fuzz/run.sh   # stable, no sanitizer (deploy/test.sh, issue 14)
 #
-# Environment: SECS (seconds per target, default 60), TOOLCHAIN (default nightly), RSS_MB
-# (libFuzzer's -rss_limit_mb, default 2048). Logs go to fuzz/artifacts/logs/<target>.log, the
-# table also to fuzz/artifacts/logs/table.md; crashing inputs to fuzz/artifacts/<target>/.
-# Exits non-zero if any target failed.
+# Environment:
+#   SECS       seconds per target, default 60
+#   SANITIZER  address (default) or none. address needs a nightly toolchain (cargo-fuzz passes
+#              -Zsanitizer=address); none builds with any toolchain, stable included: libFuzzer's
+#              coverage instrumentation only, no -Z flag. A panic, an abort, a stack overflow or
+#              an out-of-memory still ends the run with a non-zero exit (and, but for a stack
+#              overflow, which kills the process by SIGSEGV, a crash-* or oom-* input in
+#              fuzz/artifacts/<target>/); what needs ASan (out-of-bounds reads in unsafe code,
+#              use after free) goes unseen.
+#   TOOLCHAIN  rustup toolchain to run cargo with (cargo +TOOLCHAIN). Default: nightly with
+#              SANITIZER=address; with SANITIZER=none, the machine's default toolchain (plain
+#              `cargo`, no +TOOLCHAIN, so a rust-toolchain file or `rustup default` decides).
+#              TOOLCHAIN=default also means the machine's default.
+#   RSS_MB     libFuzzer's -rss_limit_mb, default 2048
+# Logs go to fuzz/artifacts/logs/<target>.log, the table also to fuzz/artifacts/logs/table.md;
+# crashing inputs to fuzz/artifacts/<target>/ (all of fuzz/artifacts, fuzz/corpus and
+# fuzz/target are in fuzz/.gitignore). Exits non-zero if any target failed.
 #
 # The 2 MiB stack: libFuzzer calls the target on the process's main thread (this script uses
 # no -fork or -jobs), and Linux sizes the main thread's stack by RLIMIT_STACK: the stack mapping
@@ -24,14 +38,36 @@
 #
 # ASan (cargo-fuzz's default) gives frames redzones, so frames are larger than in the release
 # build: stricter again. Its stack-use-after-return mode would move locals to heap "fake
-# stacks", which would make the 2 MiB looser: it is turned off here.
+# stacks", which would make the 2 MiB looser: it is turned off here. With SANITIZER=none the
+# frames are the release build's (cargo-fuzz builds with --release, plus debug assertions and
+# the coverage instrumentation): the 2 MiB then holds what it holds in production.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$ROOT"
 SECS=${SECS:-60}
-TOOLCHAIN=${TOOLCHAIN:-nightly}
+SANITIZER=${SANITIZER:-address}
 RSS_MB=${RSS_MB:-2048}
+case $SANITIZER in
+    address)
+        TOOLCHAIN=${TOOLCHAIN:-nightly}
+        sanitizer_name=ASan
+        ;;
+    none)
+        TOOLCHAIN=${TOOLCHAIN:-default}
+        sanitizer_name="no sanitizer"
+        ;;
+    *)
+        echo "SANITIZER must be address or none, not '$SANITIZER'" >&2
+        exit 2
+        ;;
+esac
+# cargo and rustc with the toolchain: `cargo +nightly`, or plain `cargo` for the default one.
+plus=()
+[[ $TOOLCHAIN == default ]] || plus=("+$TOOLCHAIN")
+# The same build options for `cargo fuzz build` and `cargo fuzz run` (which builds again, on the
+# 2 MiB stack, if they differ).
+fuzz_opts=(--sanitizer "$SANITIZER")
 STACK_KIB=2048
 ALL=(amf0 rtmp_session rtmp_chunks relay_wire flv_tags)
 if (($#)); then targets=("$@"); else targets=("${ALL[@]}"); fi
@@ -40,16 +76,25 @@ mkdir -p "$LOGS"
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     echo "== installing cargo-fuzz" >&2
-    cargo install cargo-fuzz --locked
+    cargo install cargo-fuzz --locked --quiet
 fi
 
 echo "== seeds" >&2
 python3 fuzz/seeds.py >&2
 
-echo "== building all fuzz targets (normal stack)" >&2
-cargo +"$TOOLCHAIN" fuzz build >&2
+# cargo-fuzz has no --locked: fetching with it first fails if fuzz/Cargo.lock is out of date,
+# and with the lock file current the build below leaves it as it is.
+# (For the host only, as cargo-fuzz builds for it: not every platform's crates.)
+echo "== fetching the fuzz crate's dependencies (--locked)" >&2
+host=$(rustc "${plus[@]}" -vV | sed -n 's/^host: //p')
+cargo "${plus[@]}" fetch --locked --manifest-path fuzz/Cargo.toml ${host:+--target "$host"} >&2
 
-export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_stack_use_after_return=0"
+echo "== building all fuzz targets, $sanitizer_name (normal stack)" >&2
+cargo "${plus[@]}" fuzz build "${fuzz_opts[@]}" >&2
+
+if [[ $SANITIZER == address ]]; then
+    export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_stack_use_after_return=0"
+fi
 
 # Waits for the fuzz target's process and writes its soft stack limit (bytes) to $2.
 watch_stack() {
@@ -84,7 +129,7 @@ for t in "${targets[@]}"; do
     status=0
     (
         ulimit -s "$STACK_KIB"
-        exec cargo +"$TOOLCHAIN" fuzz run "$t" "$corpus" -- \
+        exec cargo "${plus[@]}" fuzz run "${fuzz_opts[@]}" "$t" "$corpus" -- \
             -max_total_time="$SECS" -max_len="$max_len" -rss_limit_mb="$RSS_MB" \
             -print_final_stats=1
     ) >"$log" 2>&1 || status=$?
@@ -108,7 +153,7 @@ for t in "${targets[@]}"; do
         secs=${BASH_REMATCH[2]}
         rate=$(awk -v n="$runs" -v s="$secs" 'BEGIN { printf "%.0f", (s > 0 ? n / s : n) }')
     fi
-    rss=$(awk -F': ' '/^stat::peak_rss_mb/ {print $2}' "$log" | tail -1)
+    rss=$(awk '/^stat::peak_rss_mb:/ {print $2}' "$log" | tail -1)
     if [[ -n $wrong_stack ]]; then
         failed=1
         result="FAILED (ran with a $stack stack)"
@@ -118,7 +163,15 @@ for t in "${targets[@]}"; do
     else
         failed=1
         artifact=$(grep -oE 'Test unit written to [^ ]+' "$log" | tail -1 | cut -d' ' -f5 || true)
-        result="FAILED (exit $status${artifact:+, $artifact}; see $log)"
+        # What ended it: libFuzzer's or ASan's report (a panic or abort is libFuzzer's "deadly
+        # signal"), the panic message, or cargo's note of the signal that killed the target (a
+        # stack overflow without ASan: SIGSEGV, no report, no artifact).
+        cause_re='ERROR: (libFuzzer|AddressSanitizer): [^(]*[^( ]|panicked at .*'
+        cause_re+='|signal: [0-9]+, SIG[A-Z]+'
+        cause=$(grep -m1 -oE "$cause_re" "$log" || true)
+        cause=${cause%:}
+        cause=${cause//|/\\|}  # a cell of the markdown table
+        result="FAILED (exit $status${cause:+, $cause}${artifact:+, $artifact}; see $log)"
         echo "!! $t: $result" >&2
         tail -n 30 "$log" >&2
     fi
@@ -129,10 +182,13 @@ done
 
 {
     rev=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
-    compiler=$(rustc +"$TOOLCHAIN" -V 2>/dev/null || echo "$TOOLCHAIN")
+    compiler=$(rustc "${plus[@]}" -V 2>/dev/null || echo "$TOOLCHAIN")
     fuzzer=$(cargo fuzz --version 2>/dev/null || echo cargo-fuzz)
-    echo "$(date -u +%F), \`SECS=$SECS bash fuzz/run.sh${*:+ $*}\` at $rev, $compiler, $fuzzer," \
-        "ASan, $(nproc) cores, stack limit $STACK_KIB KiB (ulimit -s):"
+    env_shown="SECS=$SECS"
+    [[ $SANITIZER == address ]] || env_shown+=" SANITIZER=$SANITIZER"
+    echo "$(date -u +%F), \`$env_shown bash fuzz/run.sh${*:+ $*}\` at $rev, $compiler, $fuzzer," \
+        "$sanitizer_name (--sanitizer $SANITIZER), $(nproc) cores, stack limit $STACK_KIB KiB" \
+        "(ulimit -s):"
     echo
     echo "| target | corpus files | largest input (bytes) | -max_len | stack | runs | seconds |" \
         "exec/s | peak RSS MB | result |"

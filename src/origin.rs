@@ -197,10 +197,14 @@ pub struct Origin {
     outputs: Mutex<HashMap<String, Arc<Output>>>,
 }
 
-fn first_msn(now_ms: i64, td: u32) -> u64 {
-    // Media sequence numbers start near wall time / TD, so that a stream published again after
-    // its output expired never reuses a URI an edge may still hold in cache.
-    (now_ms / 1000) as u64 / u64::from(td.max(1))
+/// A new output's first media sequence number: wall time in tenths of a second. An earlier
+/// output of the stream (on this core before its output expired, or on a core that died and
+/// whose edges still cache its objects) has made at most one segment per 100 ms of its life,
+/// so it never reached this number and no URI repeats. Wall time / target duration was not
+/// enough: segments shorter than the target (GOPs of 1.5 s against 2 s) advance the sequence
+/// faster than the clock, and a core taking over after an hour reused names edges still held.
+fn first_msn(now_ms: i64) -> u64 {
+    (now_ms.max(0) / 100) as u64
 }
 
 impl Origin {
@@ -475,7 +479,7 @@ impl Origin {
         }
         // Every rendition starts at the same media sequence number, so that the same MSN is
         // the same media time in all of them.
-        let msn = first_msn(now_ms(), self.cfg.target_duration_s);
+        let msn = first_msn(now_ms());
         let rendition = |name: &str, info: StreamInfo| {
             Arc::new(Rendition {
                 name: name.into(),

@@ -898,9 +898,9 @@ mod tests {
     fn long_gop_segments_stay_within_target_duration() {
         let mut p = Packager::new(PackagerConfig::default(), info(), 0, 1);
         feed(&mut p, 12, 240); // 8 s GOP
-        // 12 s without a keyframe after the first: cut at part boundaries into four complete
-        // segments of 2.4 s (EXTINF rounds to the 2 s target, §4.4.3.1) and the open fifth,
-        // not into one 8 s segment.
+                               // 12 s without a keyframe after the first: cut at part boundaries into four complete
+                               // segments of 2.4 s (EXTINF rounds to the 2 s target, §4.4.3.1) and the open fifth,
+                               // not into one 8 s segment.
         let complete: Vec<&Segment> = p.playlist.segments.iter().filter(|s| s.complete).collect();
         assert_eq!(complete.len(), 4, "{:?}", p.playlist.segments);
         for s in complete {

@@ -244,7 +244,10 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
         a["stalls"].as_u64().unwrap(),
         a["stall_seconds"].as_f64().unwrap(),
     );
-    assert!(stalls <= 10 && stalled < 5.0, "{stalls} stalls, {stalled} s");
+    assert!(
+        stalls <= 10 && stalled < 5.0,
+        "{stalls} stalls, {stalled} s"
+    );
     assert!(a["http_versions"]["HTTP/1.1"].as_u64().unwrap() > 0);
     assert!(a["timeline"].as_array().unwrap().len() >= 14);
     let svg = std::fs::read_to_string(&plot).unwrap();
@@ -262,7 +265,10 @@ fn viewers_and_publishers_against_the_demo_agree_with_the_edge_metrics() {
     // A whole 2 s segment: its last byte comes at least 2 s after its first sample.
     let bl = b["latency"]["p50_ms"].as_f64().unwrap();
     eprintln!("plain latency p50 {bl} ms, stalls {}", b["stalls"]);
-    assert!((2000.0..4000.0).contains(&bl), "segment latency p50 {bl} ms");
+    assert!(
+        (2000.0..4000.0).contains(&bl),
+        "segment latency p50 {bl} ms"
+    );
     assert_eq!(b["stalls"], 0, "{b}");
 
     // Publishers: both published the whole time at real-time pace.

@@ -249,7 +249,11 @@ fn refusal(rtmp: std::net::SocketAddr, key: &str) -> ServerCommand {
     let s = status[0].clone();
     // As nginx-rtmp and SRS send it, and FFmpeg and librtmp (OBS) read it: on the publish's
     // stream, not the connection's, level "error", no transaction.
-    assert_eq!(s.info.get("level").map(String::as_str), Some("error"), "{s:?}");
+    assert_eq!(
+        s.info.get("level").map(String::as_str),
+        Some("error"),
+        "{s:?}"
+    );
     assert_ne!(s.stream_id, 0, "{s:?}");
     assert_eq!(s.transaction_id, 0.0, "{s:?}");
     s
@@ -272,7 +276,10 @@ fn refusals_carry_the_rtmp_status_code() {
     let mut live = RawPublisher::publish(rtmp, "demo-key");
     let s = refusal(rtmp, "demo-key");
     assert_eq!(s.info["code"], "NetStream.Publish.BadName");
-    assert_eq!(s.info["description"], "stream demo is already being published");
+    assert_eq!(
+        s.info["description"],
+        "stream demo is already being published"
+    );
     assert!(live.send(&[]), "the first publisher is unharmed");
     assert!(!closed_by_peer(&mut live.s, Duration::from_millis(300)));
     let rejected = |r: &str| {

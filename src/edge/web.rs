@@ -198,10 +198,17 @@ mod tests {
         assert!(asset("/../Cargo.toml").is_none());
         // The test command installs hls.js before building (deploy/test.sh): a build without it
         // serves a page that cannot play, which must fail here, not pass either way.
-        assert!(has_hls_js(), "hls.js was not compiled in: run `npm ci --prefix web`");
+        assert!(
+            has_hls_js(),
+            "hls.js was not compiled in: run `npm ci --prefix web`"
+        );
         let hls = asset("/vendor/hls.min.js").expect("hls.js served");
         assert_eq!(hls.content_type, "text/javascript; charset=utf-8");
-        assert!(hls.body.len() > 100_000, "hls.min.js is {} bytes", hls.body.len());
+        assert!(
+            hls.body.len() > 100_000,
+            "hls.min.js is {} bytes",
+            hls.body.len()
+        );
         assert!(String::from_utf8_lossy(&hls.body).contains("Hls"));
         // The page loads the vendored copy (no third-party CDN).
         let page = asset("/").unwrap();

@@ -598,18 +598,21 @@ mod tests {
         let mut wire = Vec::new();
         let mut want = Vec::new();
         let mut n = 0u32;
-        let mut send = |ser: &mut ChunkSerializer, wire: &mut Vec<u8>, ts: u32, type_id: u8, len: usize| {
-            n += 1;
-            let data: Vec<u8> = (0..len).map(|i| (i as u32 ^ n.wrapping_mul(97)) as u8).collect();
-            let m = MessagePayload {
-                timestamp: RtmpTimestamp::new(ts),
-                type_id,
-                message_stream_id: 1,
-                data: Bytes::from(data.clone()),
+        let mut send =
+            |ser: &mut ChunkSerializer, wire: &mut Vec<u8>, ts: u32, type_id: u8, len: usize| {
+                n += 1;
+                let data: Vec<u8> = (0..len)
+                    .map(|i| (i as u32 ^ n.wrapping_mul(97)) as u8)
+                    .collect();
+                let m = MessagePayload {
+                    timestamp: RtmpTimestamp::new(ts),
+                    type_id,
+                    message_stream_id: 1,
+                    data: Bytes::from(data.clone()),
+                };
+                wire.extend(ser.serialize(&m, false, false).unwrap().bytes);
+                want.push((ts, type_id, data));
             };
-            wire.extend(ser.serialize(&m, false, false).unwrap().bytes);
-            want.push((ts, type_id, data));
-        };
         // Before and across 0xFFFFFF (16777.215 s), with a fixed delta (type 3 headers), a
         // varying one (type 2) and a new length (type 1).
         let mut ts = 0xFF_FF00u32;
@@ -634,7 +637,11 @@ mod tests {
             send(&mut ser, &mut wire, ts.wrapping_add(3), 8, 1);
             ts = ts.wrapping_add(40);
         }
-        wire.extend(ser.set_max_chunk_size(1, RtmpTimestamp::new(0)).unwrap().bytes);
+        wire.extend(
+            ser.set_max_chunk_size(1, RtmpTimestamp::new(0))
+                .unwrap()
+                .bytes,
+        );
         send(&mut ser, &mut wire, 1000, 18, 37);
         wire.extend(
             ser.set_max_chunk_size(65_536, RtmpTimestamp::new(0))

@@ -238,7 +238,10 @@ mod tests {
                 id: "2".into()
             })
         );
-        assert_eq!(parse_video(&Bytes::new()), Err(FlvError::Truncated("video")));
+        assert_eq!(
+            parse_video(&Bytes::new()),
+            Err(FlvError::Truncated("video"))
+        );
         assert_eq!(
             parse_video(&Bytes::from_static(&[0x17, 0, 0, 0, 0])).unwrap(),
             VideoTag::Nothing
@@ -259,7 +262,10 @@ mod tests {
         );
         assert!(matches!(
             parse_audio(&Bytes::from_static(&[0xAF, 0, 0x12])),
-            Err(FlvError::Config(media::ConfigParseError::Truncated { len: 1, .. }))
+            Err(FlvError::Config(media::ConfigParseError::Truncated {
+                len: 1,
+                ..
+            }))
         ));
         assert_eq!(
             parse_audio(&Bytes::from_static(&[0x7F, 0])), // G.711

@@ -9,8 +9,8 @@ use super::chunk::{ChunkError, ChunkLimits, ChunkReader};
 use super::flv::{self, AudioTag, FlvError, VideoTag};
 use crate::media::{AudioConfig, Frame, Metadata, TimestampUnwrapper, TrackKind, VideoConfig};
 use bytes::Bytes;
-use rml_rtmp::chunk_io::ChunkSerializer;
 use rml_amf0::Amf0Value;
+use rml_rtmp::chunk_io::ChunkSerializer;
 use rml_rtmp::messages::{MessagePayload, RtmpMessage};
 use rml_rtmp::sessions::{
     ServerSession, ServerSessionConfig, ServerSessionError, ServerSessionEvent, ServerSessionResult,

@@ -357,7 +357,10 @@ pub fn metric_or_zero(addr: SocketAddr, sample: &str) -> f64 {
             .collect();
         let mut sorted = names.clone();
         sorted.sort_unstable();
-        assert_eq!(names, sorted, "labels of `{sample}` as rendered: sorted by name");
+        assert_eq!(
+            names, sorted,
+            "labels of `{sample}` as rendered: sorted by name"
+        );
         for n in names {
             assert!(
                 n == "le" || TELEMETRY.contains(&format!("\"{n}\"")),

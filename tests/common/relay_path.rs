@@ -157,7 +157,10 @@ pub fn run_with(
                 "livepop_relay_groups_skipped_total{reason=\"evicted\",stream=\"demo\"}",
             ),
         ),
-        late: m(core_admin, "livepop_relay_late_frames_total{stream=\"demo\"}"),
+        late: m(
+            core_admin,
+            "livepop_relay_late_frames_total{stream=\"demo\"}",
+        ),
         latency_p50: v["latency"]["p50_ms"].as_f64().unwrap_or(f64::NAN),
         latency_p99: v["latency"]["p99_ms"].as_f64().unwrap_or(f64::NAN),
         stalls: v["stalls"].as_u64().unwrap(),
