@@ -757,7 +757,13 @@ impl Origin {
         }
         let body = self.rendered(o, r, d.skip);
         let td = u64::from(self.cfg.target_duration_s);
-        let cache = if blocking {
+        let ended = r.lock().playlist.ended;
+        let cache = if ended {
+            // An ended playlist answers every blocking reload at once; the stream may be
+            // published again any moment, continuing the same sequence numbers, and an edge
+            // must not keep answering the new session's parts with the old ENDLIST.
+            "max-age=1".to_string()
+        } else if blocking {
             format!("max-age={}", 6 * td)
         } else {
             // Non-blocking reloads: about half a target duration (at least 1 s).

@@ -275,7 +275,7 @@ fn core_outage_serves_cached_media_and_recovers() {
     let Rig {
         env,
         mut core,
-        edge: _edge,
+        edge,
         http,
         mut ff,
     } = rig(60, "");
@@ -341,14 +341,40 @@ fn core_outage_serves_cached_media_and_recovers() {
         "access_log = true",
     );
     let _back = Proc::start("core-1b", &["core", "--config", cfg.to_str().unwrap()]);
-    wait_for(
+    let pl = wait_for(
         "playback through the same edge",
         Duration::from_secs(20),
         || {
             let (s, pl) = text(http, "/live/demo/src/index.m3u8");
-            (s == 200 && pl.contains("#EXT-X-PRELOAD-HINT")).then_some(())
+            (s == 200 && pl.contains("#EXT-X-PRELOAD-HINT") && pl.contains("#EXT-X-PART:"))
+                .then_some(pl)
         },
     );
+    // The publisher never noticed: the same ffmpeg still runs, and the edge saw one publish.
+    assert!(
+        ff.try_wait().unwrap().is_none(),
+        "the publisher was cut off"
+    );
+    let publishes = edge
+        .logs()
+        .iter()
+        .filter(|v| message_is(v, "publish started"))
+        .count();
+    assert_eq!(publishes, 1);
+    assert_eq!(metric(edge.addr("admin"), "livepop_ingest_streams"), 1.0);
+    // What the edge serves now is the new core's, not a cached object of the old one under a
+    // name the new core uses again.
+    let part = pl
+        .lines()
+        .filter_map(|l| l.strip_prefix("#EXT-X-PART:"))
+        .filter_map(|a| a.split("URI=\"").nth(1)?.split('"').next())
+        .next_back()
+        .unwrap()
+        .to_string();
+    let via_edge = http_get_full(http, &format!("/live/demo/src/{part}")).unwrap();
+    let direct = http_get_full(origin, &format!("/live/demo/src/{part}")).unwrap();
+    assert_eq!((via_edge.0, direct.0), (200, 200), "{part}");
+    assert!(via_edge.2 == direct.2, "{part} differs through the edge");
     let _ = ff.kill();
 }
 
@@ -557,4 +583,242 @@ fn a_fill_that_fails_partway_is_never_served_as_complete() {
     assert_eq!(body, whole);
     let _ = ff.kill();
     let _ = ff.wait();
+}
+
+/// Cached answers never outlive a change of the stream's state: a 404 cached before the stream
+/// goes live clears within its lifetime (1 s); when the publisher leaves and publishes again,
+/// the ended session's playlist (which answers every blocking reload at once, §6.2.5.2) is not
+/// served for the new session's parts past that lifetime, and the new parts are the new ones.
+#[test]
+fn cached_answers_follow_the_stream_going_live_ending_and_coming_back() {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "access_log = true");
+    let origin = core.addr("origin");
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.origins = vec![origin];
+    let edge = start_edge(&env, &opts);
+    let (http, rtmp) = (edge.addr("http"), edge.addr("rtmp"));
+    let master = "/live/demo/master.m3u8";
+    let media = "/live/demo/src/index.m3u8";
+    // Before the stream: a 404 the edge keeps for its lifetime.
+    let (s, head, _) = http_get_full(http, master).unwrap();
+    assert_eq!(s, 404, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("cache-control: max-age=1"),
+        "{head}"
+    );
+    let url = format!("rtmp://{rtmp}/live/demo-key");
+    let mut ff = ffmpeg_publish(&url, 6, "320x240", None);
+    // The edge answers 200 within the 404's lifetime of the origin doing so.
+    let mut origin_live = None;
+    let edge_live = wait_for(
+        "the stream through the edge",
+        Duration::from_secs(20),
+        || {
+            if origin_live.is_none() && http_get(origin, master)?.0 == 200 {
+                origin_live = Some(Instant::now());
+            }
+            (http_get(http, master)?.0 == 200).then(Instant::now)
+        },
+    );
+    let lag = edge_live.saturating_duration_since(origin_live.unwrap_or(edge_live));
+    assert!(
+        lag < Duration::from_millis(1500),
+        "the cached 404 lasted {lag:?}"
+    );
+
+    // The publisher leaves: the playlist ends; a blocking reload for the next segment is
+    // answered at once with the ended playlist, and the edge caches that answer.
+    assert!(wait_child(&mut ff, Duration::from_secs(30)));
+    let ended = wait_for("the ended playlist", Duration::from_secs(10), || {
+        let (s, pl) = http_get(http, media)?;
+        (s == 200 && pl.contains("#EXT-X-ENDLIST")).then_some(pl)
+    });
+    let last = attr(&ended, "#EXT-X-MEDIA-SEQUENCE:") + complete_segments(&ended).len() as u64 - 1;
+    let next = format!("{media}?_HLS_msn={}&_HLS_part=0", last + 1);
+    let (s, pl) = text(http, &next);
+    assert_eq!(s, 200);
+    assert!(pl.contains("#EXT-X-ENDLIST"), "{pl}");
+
+    // Published again: the playlist continues after a discontinuity, with msn last + 1.
+    let mut ff = ffmpeg_publish(&url, 12, "320x240", None);
+    let mut origin_next = None;
+    let edge_next = wait_for(
+        "the next session through the edge",
+        Duration::from_secs(30),
+        || {
+            if origin_next.is_none() {
+                let (s, pl) = http_get(origin, &next)?;
+                if s == 200 && !pl.contains("#EXT-X-ENDLIST") {
+                    origin_next = Some(Instant::now());
+                }
+            }
+            let (s, pl) = http_get(http, &next)?;
+            (s == 200 && !pl.contains("#EXT-X-ENDLIST")).then(|| (Instant::now(), pl))
+        },
+    );
+    let lag = edge_next
+        .0
+        .saturating_duration_since(origin_next.unwrap_or(edge_next.0));
+    assert!(
+        lag < Duration::from_millis(1500),
+        "the ended playlist was served {lag:?} into the next session"
+    );
+    assert!(
+        edge_next.1.contains("#EXT-X-DISCONTINUITY"),
+        "{}",
+        edge_next.1
+    );
+    // Its first part through the edge is the origin's.
+    let part = format!("/live/demo/src/s{}.0.m4s", last + 1);
+    let via_edge = http_get_full(http, &part).unwrap();
+    let direct = http_get_full(origin, &part).unwrap();
+    assert_eq!((via_edge.0, direct.0), (200, 200), "{part}");
+    assert!(via_edge.2 == direct.2, "{part} differs through the edge");
+    let _ = ff.kill();
+}
+
+/// The `#TAG:value` number of a playlist.
+fn attr(pl: &str, tag: &str) -> u64 {
+    pl.lines()
+        .find_map(|l| l.strip_prefix(tag)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {tag} in {pl}"))
+}
+
+/// HTTP/2 viewers are coalesced as HTTP/1.1 ones are: 300 requests multiplexed on one h2c
+/// connection and 300 on one h2 connection over TLS (curl), all waiting for the same part,
+/// cost the core one request for the blocking reload and one for the part.
+#[test]
+fn http2_viewers_are_coalesced_like_http1_ones() {
+    let Rig {
+        env,
+        core,
+        edge,
+        http,
+        mut ff,
+    } = rig(25, "");
+    let https = edge.addr("https");
+    // At the start of a segment, so that part 2 of the next one is about 2.4 s away.
+    let (_, pl) = text(http, "/live/demo/src/index.m3u8");
+    let (m0, _) = hint(&pl);
+    let (_, pl) = text(
+        http,
+        &format!("/live/demo/src/index.m3u8?_HLS_msn={}&_HLS_part=0", m0 + 1),
+    );
+    let (m, _) = hint(&pl);
+    let canonical = format!("/live/demo/src/index.m3u8?_HLS_msn={}&_HLS_part=2", m + 1);
+    let part = format!("/live/demo/src/s{}.2.m4s", m + 1);
+    let ca = env.certs().join("public-ca.pem");
+    // Each curl multiplexes its transfers on one connection (--parallel).
+    let curl = |base: String, h2: &[&str], paths: Vec<String>| {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-sS", "--parallel", "--parallel-max", "300", "--cacert"])
+            .arg(&ca)
+            .args(h2)
+            .args(["-w", "%{http_code} %{http_version} %{time_total}\\n"]);
+        for p in paths {
+            c.args(["-o", "/dev/null", &format!("{base}{p}")]);
+        }
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // h2 over TLS from curl, h2c from hyper's client (curl 7.88 breaks its own h2c
+    // connection at the second request, against hyper's server too), at the same time.
+    let both = |paths: &dyn Fn(usize) -> String| {
+        let tls = curl(
+            format!("https://{https}"),
+            &["--http2"],
+            (300..600).map(paths).collect(),
+        );
+        let mut out = h2c_requests(http, (0..300).map(paths).collect());
+        for c in [tls] {
+            let o = c.wait_with_output().unwrap();
+            assert!(
+                o.status.success(),
+                "curl: {} {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            );
+            out += &String::from_utf8_lossy(&o.stdout);
+        }
+        out
+    };
+    let m1 = m + 1;
+    let out = both(&|i| format!("/live/demo/src/index.m3u8?_HLS_part=2&v={i}&_HLS_msn={m1}"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 600, "{out}");
+    // All answered over HTTP/2, and they waited for the part (not hits of something older).
+    assert!(lines.iter().all(|l| l.starts_with("200 2 ")), "{out}");
+    let waited = lines
+        .iter()
+        .filter_map(|l| l.split(' ').nth(2)?.parse::<f64>().ok())
+        .fold(f64::MAX, f64::min);
+    assert!(
+        waited > 0.5,
+        "the fastest answer took {waited} s: nothing waited"
+    );
+    assert_eq!(origin_requests(&core, &canonical), 1, "blocking reload");
+    // The part itself, now cached or being filled: one core request in all.
+    let out = both(&|i| format!("{part}?cb={i}"));
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("200 2 ")).count(),
+        600,
+        "{out}"
+    );
+    assert_eq!(origin_requests(&core, &part), 1, "part");
+    let _ = ff.kill();
+}
+
+/// GETs `paths` at once as streams of one h2c connection (hyper's client); one line per
+/// answer as curl's `-w` above writes it: status, "2", seconds.
+fn h2c_requests(addr: SocketAddr, paths: Vec<String>) -> String {
+    use http_body_util::{BodyExt, Empty};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in paths {
+            let mut send = send.clone();
+            tasks.spawn(async move {
+                let t = Instant::now();
+                let req = hyper::Request::get(format!("http://{addr}{p}"))
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                let r = tokio::time::timeout(Duration::from_secs(20), async {
+                    let resp = send.send_request(req).await.ok()?;
+                    let status = resp.status().as_u16();
+                    let v = resp.version();
+                    resp.into_body().collect().await.ok()?;
+                    Some((status, v))
+                })
+                .await
+                .ok()
+                .flatten();
+                match r {
+                    Some((st, v)) if v == hyper::Version::HTTP_2 => {
+                        format!("{st} 2 {}\n", t.elapsed().as_secs_f64())
+                    }
+                    other => format!("failed {other:?}\n"),
+                }
+            });
+        }
+        let mut out = String::new();
+        while let Some(line) = tasks.join_next().await {
+            out += &line.unwrap();
+        }
+        out
+    })
 }

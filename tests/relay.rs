@@ -144,10 +144,10 @@ fn stream_fails_over_to_the_other_core() {
             None
         }
     });
-    let (dead, survivor) = if first_is_a {
-        (&mut a, ab)
+    let (dead, survivor, survivor_name) = if first_is_a {
+        (&mut a, ab, "core-b")
     } else {
-        (&mut b, aa)
+        (&mut b, aa, "core-a")
     };
     assert_eq!(metric_opt(survivor, &frames_metric("demo", "video")), None);
     dead.kill();
@@ -163,6 +163,41 @@ fn stream_fails_over_to_the_other_core() {
     assert!(
         wait_child(&mut ff, Duration::from_secs(40)),
         "publisher failed"
+    );
+    // The publisher never noticed: one publish, no broken connection.
+    let starts = edge
+        .logs()
+        .iter()
+        .filter(|v| message_is(v, "publish started"))
+        .count();
+    assert_eq!(starts, 1);
+    assert_eq!(
+        metric_or_zero(edge_admin, "livepop_ingest_errors_total{reason=\"io\"}"),
+        0.0
+    );
+    // The survivor's recording starts at a keyframe, in order, and runs to the publisher's end
+    // (14 s of 30 fps, of which at most the failover time is missing).
+    let rec = wait_for("the survivor's recording", Duration::from_secs(20), || {
+        recordings(&env, survivor_name).into_iter().next()
+    });
+    let video = by_track(&packets(&rec), "video");
+    assert!(
+        video[0].1,
+        "the survivor's first video frame is not a keyframe"
+    );
+    assert!(
+        video.windows(2).all(|w| w[1].0 > w[0].0),
+        "video out of order"
+    );
+    let after_kill = 14.0 - 1.0 - took.as_secs_f64();
+    assert!(
+        video.len() as f64 > 30.0 * (after_kill - 2.0),
+        "{} frames at the survivor",
+        video.len()
+    );
+    assert_eq!(
+        metric_or_zero(survivor, "livepop_relay_late_frames_total{stream=\"demo\"}"),
+        0.0
     );
 }
 
