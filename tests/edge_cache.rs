@@ -677,6 +677,7 @@ fn cached_answers_follow_the_stream_going_live_ending_and_coming_back() {
     assert_eq!((via_edge.0, direct.0), (200, 200), "{part}");
     assert!(via_edge.2 == direct.2, "{part} differs through the edge");
     let _ = ff.kill();
+    let _ = ff.wait();
 }
 
 /// The `#TAG:value` number of a playlist.
@@ -734,7 +735,8 @@ fn http2_viewers_are_coalesced_like_http1_ones() {
             (300..600).map(paths).collect(),
         );
         let mut out = h2c_requests(http, (0..300).map(paths).collect());
-        for c in [tls] {
+        {
+            let c = tls;
             let o = c.wait_with_output().unwrap();
             assert!(
                 o.status.success(),
