@@ -1143,6 +1143,17 @@ pub fn demo_edge_admin(demo: &Proc) -> SocketAddr {
         .unwrap()
 }
 
+/// The address of a `livepop demo`'s core admin port, waited for in its log.
+pub fn demo_core_admin(demo: &Proc) -> SocketAddr {
+    demo.wait_log(Duration::from_secs(20), |v| {
+        v["fields"]["listener"] == "admin" && message_is(v, "core listening")
+    })["fields"]["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// `livepop demo` arguments: every listener on port 0, data in the test directory.
 pub fn demo_args(env: &Env, extra: &[&str]) -> Vec<String> {
     let dir = env.path().join("demo");
