@@ -157,7 +157,7 @@ impl EdgeMetrics {
             relay_groups_skipped: counter_vec(
                 &r,
                 "livepop_relay_groups_skipped_total",
-                "Groups of pictures not relayed whole: skipped because the path to the core fell behind (behind), or dropped from the edge's buffer before they were sent (evicted)",
+                "Groups of pictures not relayed whole: skipped because the path to the core fell behind (behind), dropped from the edge's buffer before they were sent (evicted), or never sent because the core was unreachable when they arrived (outage)",
                 &["stream", "reason"],
             ),
             relay_core_up: gauge_vec(

@@ -104,10 +104,14 @@ fn stream_keys_appear_nowhere_livepop_writes() {
         }
         let mut ok = ffmpeg_publish_file(&url, &flv);
         if scheme == "rtmp" {
-            let media = wait_for("the stream through the edge", Duration::from_secs(20), || {
-                let (s, pl) = http_get(http, "/live/leaky/src/index.m3u8")?;
-                (s == 200 && pl.contains("#EXT-X-PART:")).then_some(pl)
-            });
+            let media = wait_for(
+                "the stream through the edge",
+                Duration::from_secs(20),
+                || {
+                    let (s, pl) = http_get(http, "/live/leaky/src/index.m3u8")?;
+                    (s == 200 && pl.contains("#EXT-X-PART:")).then_some(pl)
+                },
+            );
             answers.push(("the media playlist".to_string(), media));
             for path in ["/live/leaky/master.m3u8", "/live/streams.json"] {
                 let (s, body) = http_get(http, path).unwrap();

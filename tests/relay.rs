@@ -468,7 +468,11 @@ fn webhook_case(https: bool) {
     };
     // Every log line at every level (the webhook client's included): no key may appear.
     let cfg = edge_config(&env, &opts);
-    let edge = Proc::start_logging("edge", &["edge", "--config", cfg.to_str().unwrap()], "trace");
+    let edge = Proc::start_logging(
+        "edge",
+        &["edge", "--config", cfg.to_str().unwrap()],
+        "trace",
+    );
     wait_for("edge /readyz", Duration::from_secs(10), || {
         (http_get(edge.addr("admin"), "/readyz")?.0 == 200).then_some(())
     });
@@ -495,7 +499,10 @@ fn webhook_case(https: bool) {
     assert!(wait_child(&mut table, Duration::from_secs(30)));
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
     let logs = edge.log_text();
-    assert!(logs.contains("\"level\":\"TRACE\""), "nothing logged at trace");
+    assert!(
+        logs.contains("\"level\":\"TRACE\""),
+        "nothing logged at trace"
+    );
     assert!(!logs.contains("good-key") && !logs.contains("bad-key"));
 }
 

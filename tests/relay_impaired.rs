@@ -276,3 +276,118 @@ fn a_blackholed_path_resumes_without_holding_the_publisher() {
         1.0
     );
 }
+
+/// A lossy long-haul path (5 % loss, 50 ms RTT) that then goes dark for 4 s (past the 2 s idle
+/// timeout) and comes back, while a viewer plays through the edge: the publisher is never held
+/// back or cut off, the edge's memory stays bounded, the groups the outage cost are counted as
+/// skipped, the core marks the hole with GAP parts, and the stream plays on through the edge.
+#[test]
+fn a_lossy_path_that_goes_dark_costs_counted_groups_and_gap_parts_and_plays_on() {
+    let env = Env::new();
+    let secs = 24;
+    let flv = stream_file(env.path(), secs);
+    let core_cfg = env.write(
+        "core.toml",
+        &format!(
+            "{}[origin]\nlisten = \"127.0.0.1:0\"\n",
+            std::fs::read_to_string(core_config(&env, "core-1", "127.0.0.1:0", true)).unwrap()
+        ),
+    );
+    let core = Proc::start("core-1", &["core", "--config", core_cfg.to_str().unwrap()]);
+    let (core_admin, origin) = (core.addr("admin"), core.addr("origin"));
+    let lossy = Link::delay_ms(25).loss(0.05);
+    let proxy = UdpImpair::start(core.addr("relay"), lossy, lossy);
+    let mut o = EdgeOpts::new(vec![("core-1".into(), proxy.addr())]);
+    o.origins = vec![origin];
+    let edge = start_edge(&env, &o);
+    let (http, edge_admin) = (edge.addr("http"), edge.addr("admin"));
+    let started = Instant::now();
+    let mut ff = ffmpeg_publish_file(&format!("rtmp://{}/live/demo-key", edge.addr("rtmp")), &flv);
+    let media = "/live/demo/src/index.m3u8";
+    wait_for(
+        "the stream through the edge",
+        Duration::from_secs(20),
+        || {
+            let (s, pl) = http_get(http, media)?;
+            (s == 200 && complete_segments(&pl).len() >= 2).then_some(())
+        },
+    );
+    let skipped = || {
+        ["behind", "evicted", "outage"]
+            .iter()
+            .map(|r| {
+                metric_or_zero(
+                    edge_admin,
+                    &format!(
+                        "livepop_relay_groups_skipped_total{{reason=\"{r}\",stream=\"demo\"}}"
+                    ),
+                )
+            })
+            .sum::<f64>()
+    };
+    let skipped_before = skipped();
+
+    // Dark for 4 s.
+    proxy.blackhole(true);
+    edge.wait_log(Duration::from_secs(10), |v| {
+        message_is(v, "connection to core lost")
+    });
+    let dark = Instant::now();
+    let video = frames_metric("demo", "video");
+    let frames_dark = metric(core_admin, &video);
+    wait_for("4 s of darkness", Duration::from_secs(6), || {
+        (dark.elapsed() >= Duration::from_secs(3)).then_some(())
+    });
+    proxy.blackhole(false);
+    wait_for("frames after the outage", Duration::from_secs(15), || {
+        (metric(core_admin, &video) > frames_dark + 60.0).then_some(())
+    });
+    // A viewer plays on through the edge: 3 s of the stream, decoded.
+    let play = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin"])
+        .args(["-i", &format!("http://{http}/live/demo/master.m3u8")])
+        .args(["-t", "3", "-f", "null", "-"])
+        .output()
+        .unwrap();
+    assert!(
+        play.status.success(),
+        "playback after the outage: {}",
+        String::from_utf8_lossy(&play.stderr)
+    );
+    // The hole is marked in the playlist the viewers get.
+    let pl = http_get(http, media).unwrap().1;
+    assert!(
+        pl.contains("GAP=YES"),
+        "no GAP part after the outage:\n{pl}"
+    );
+    let gap_parts = metric(
+        core_admin,
+        r#"livepop_core_parts_total{gap="yes",rendition="src",stream="demo"}"#,
+    );
+    // At least the 4 s of darkness less a part: 200 ms parts.
+    assert!(gap_parts >= 15.0, "{gap_parts} GAP parts");
+
+    assert!(
+        wait_child(&mut ff, Duration::from_secs(60)),
+        "ffmpeg failed"
+    );
+    // The publisher was never held back (its own pace, 24 s of media) nor cut off.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(u64::from(secs) + 6), "{took:?}");
+    let publishes = edge
+        .logs()
+        .iter()
+        .filter(|v| message_is(v, "publish started"))
+        .count();
+    assert_eq!(publishes, 1);
+    // What the outage cost is counted: about 4 groups of 1 s (and any the lossy path skipped).
+    let counted = skipped() - skipped_before;
+    assert!(counted >= 3.0, "{counted} groups counted as skipped");
+    // Bounded memory: the edge buffered at most its byte budget, not the outage's 2 MB/s.
+    let peak = edge.memory_mb("VmHWM:");
+    assert!(peak < 200.0, "edge peak RSS {peak} MB");
+    eprintln!(
+        "outage: {counted} groups skipped, {gap_parts} GAP parts, edge peak {peak:.0} MB, \
+         publish {took:?}"
+    );
+}

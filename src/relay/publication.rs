@@ -407,8 +407,9 @@ impl Publication {
 
     /// Where a new sender starts: the oldest group for the first sender (nothing sent yet, so
     /// nothing is lost), else the newest group (resume from the last keyframe).
-    /// With no group yet, the sequence number the first group will get.
-    pub fn start_seq(&self) -> u64 {
+    /// With no group yet, the sequence number the first group will get. Also how many groups
+    /// the previous sender never reached and the new one will not send (an outage's cost).
+    pub fn start_seq(&self) -> (u64, u64) {
         let mut s = self.lock();
         let first = !s.ever_sent;
         s.ever_sent = true;
@@ -418,8 +419,13 @@ impl Publication {
             s.groups.back()
         };
         let start = held.map_or(s.next_seq, |g| g.seq);
+        let unsent = if first {
+            0
+        } else {
+            start.saturating_sub(s.reached[0])
+        };
         s.reached = [start, start];
-        start
+        (start, unsent)
     }
 
     /// `f` of group `seq`, if it is held.
@@ -613,17 +619,18 @@ mod tests {
         for i in 0..3 {
             p.push(f(TrackKind::Video, i * 1000, true, 10));
         }
-        assert_eq!(p.start_seq(), 0);
-        assert_eq!(p.start_seq(), 2);
+        assert_eq!(p.start_seq(), (0, 0));
+        // Resuming at the newest group: the previous sender reached group 0 only.
+        assert_eq!(p.start_seq(), (2, 2));
         let empty = Publication::new("e", 1, 1 << 20);
-        assert_eq!(empty.start_seq(), 0);
+        assert_eq!(empty.start_seq(), (0, 0));
     }
 
     #[test]
     fn sent_groups_are_freed_once_their_writers_are_done() {
         let p = Publication::new("s", 1, 1 << 20);
         p.push(f(TrackKind::Video, 0, true, 10));
-        assert_eq!(p.start_seq(), 0);
+        assert_eq!(p.start_seq().0, 0);
         assert!(p.pin(0));
         p.reach(TrackKind::Audio, 1);
         p.reach(TrackKind::Video, 1);

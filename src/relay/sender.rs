@@ -507,7 +507,15 @@ impl EdgeRelay {
     ) -> Result<()> {
         let mut rx = p.subscribe();
         let mut announced = 0;
-        let start_seq = p.start_seq();
+        let (start_seq, unsent) = p.start_seq();
+        if unsent > 0 {
+            // Groups that arrived while the core was unreachable and were never sent: the
+            // stream resumes from the newest keyframe.
+            self.metrics
+                .relay_groups_skipped
+                .with_label_values(&[&p.name, "outage"])
+                .inc_by(unsent);
+        }
         let mut next_audio = start_seq;
         let mut writers = JoinSet::new();
         // Video goes one group at a time, in order: what the path cannot take yet waits in the
