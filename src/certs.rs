@@ -342,5 +342,15 @@ mod tests {
             let mode = std::fs::metadata(p.join(k)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{k} is {mode:o}");
         }
+        // `force` writes a new chain over the old one, keys still 0600.
+        assert!(generate(p, true).unwrap());
+        assert_ne!(before, std::fs::read(p.join("ca.pem")).unwrap());
+        assert!(chains_to(&p.join("core.pem"), &p.join("ca.pem")).unwrap());
+        let mode = std::fs::metadata(p.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
     }
 }

@@ -971,13 +971,19 @@ fn edges_cannot_take_pin_or_flood_streams_at_the_core() {
         core,
         "node-edge-2",
         "edge-2",
-        vec![announce(1, "demo", u64::MAX), announce(2, "demo", now)],
-        2,
+        vec![
+            announce(1, "demo", u64::MAX),
+            announce(2, "demo", now),
+            // Just past the 10 minutes ahead of the core's clock an epoch may be.
+            announce(3, "later", now + 11 * 60 * 1_000_000),
+        ],
+        3,
     )
     .unwrap();
     assert!(got[&1].contains("clock"), "{got:?}");
     assert!(got[&2].contains("another edge"), "{got:?}");
-    assert_eq!((refused("epoch"), refused("duplicate")), (1.0, 1.0));
+    assert!(got[&3].contains("clock"), "{got:?}");
+    assert_eq!((refused("epoch"), refused("duplicate")), (2.0, 1.0));
 
     // One edge, more streams than relay.max_streams_per_edge.
     let n = STREAMS_PER_EDGE + 2;
@@ -1131,4 +1137,97 @@ fn http2_pings_do_not_keep_an_origin_connection_open() {
     let idle = r#"livepop_origin_refused_total{reason="idle_timeout"}"#;
     assert!(metric(r.core.addr("admin"), idle) >= 1.0);
     r.check_honest();
+}
+
+/// One node id holds at most 4 relay connections at a core (an edge needs one per core; a few
+/// during reconnects): a fifth is closed and counted, and a slot frees when one closes.
+#[test]
+fn an_edge_holds_at_most_four_relay_connections() {
+    use livepop::relay::wire::{Control, VERSION};
+    let env = Env::new();
+    let core = start_core(&env, "core-1", "127.0.0.1:0");
+    let (relay, admin) = (core.addr("relay"), core.addr("admin"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = env.certs();
+        let tls = livepop::certs::relay_client_config(
+            &c.join("node-edge-2.pem"),
+            &c.join("node-edge-2.key"),
+            &c.join("ca.pem"),
+        )
+        .unwrap();
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let client = quinn::ClientConfig::new(Arc::new(quic));
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        // A connection that said Hello: Ok once acknowledged, Err with the close reason.
+        let hello = || async {
+            let conn = ep
+                .connect_with(client.clone(), relay, "localhost")
+                .unwrap()
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let mut out = bytes::BytesMut::new();
+            Control::Hello {
+                version: VERSION,
+                node_id: "edge-2".into(),
+            }
+            .encode(&mut out);
+            send.write_all(&out).await.map_err(|e| e.to_string())?;
+            let mut buf = bytes::BytesMut::new();
+            let acked = async {
+                loop {
+                    let mut tmp = [0u8; 512];
+                    match recv.read(&mut tmp).await {
+                        Ok(Some(n)) => buf.extend_from_slice(&tmp[..n]),
+                        Ok(None) => return Err("control stream closed".to_string()),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                    if let Some(Some(Control::HelloAck { .. })) = Control::decode(&mut buf).unwrap()
+                    {
+                        return Ok(());
+                    }
+                }
+            };
+            match tokio::time::timeout(Duration::from_secs(10), acked).await {
+                Ok(Ok(())) => Ok::<_, String>((conn, send)),
+                // Why the core closed it, if it did.
+                Ok(Err(e)) => Err(conn.close_reason().map_or(e, |r| r.to_string())),
+                Err(_) => Err("no answer".to_string()),
+            }
+        };
+        let mut held = vec![];
+        for i in 0..4 {
+            held.push(
+                hello()
+                    .await
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}")),
+            );
+        }
+        let fifth = hello()
+            .await
+            .err()
+            .expect("a fifth connection was accepted");
+        assert!(fifth.contains("too many connections"), "{fifth}");
+        assert_eq!(
+            metric(
+                admin,
+                r#"livepop_relay_refused_total{reason="connections_per_edge"}"#
+            ),
+            1.0
+        );
+        // One closes: its slot is free again.
+        let (conn, _) = held.pop().unwrap();
+        conn.close(0u32.into(), b"bye");
+        let again = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match hello().await {
+                    Ok(c) => return c,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await;
+        assert!(again.is_ok(), "the freed slot was not given back");
+    });
 }

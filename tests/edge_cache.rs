@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -823,4 +823,90 @@ fn h2c_requests(addr: SocketAddr, paths: Vec<String>) -> String {
         }
         out
     })
+}
+
+/// `[playback] player = false` turns the player page off (the stream list stays); the edge
+/// asks the cores for their stream lists at most once per second however many viewers ask.
+#[test]
+fn the_stream_list_is_merged_once_per_second_and_the_page_can_be_off() {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "access_log = true");
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.origins = vec![core.addr("origin")];
+    opts.extra_playback = "player = false\n".into();
+    let edge = start_edge(&env, &opts);
+    let http = edge.addr("http");
+    for page in ["/", "/index.html", "/player.js"] {
+        assert_eq!(http_get(http, page).map(|r| r.0), Some(404), "{page}");
+    }
+    // 300 viewers at once, then again: within about a second, one or two merges.
+    let started = Instant::now();
+    let answers = burst(http, "GET", "/live/streams.json", 300);
+    assert!(answers.iter().all(|a| a.0 == 200));
+    assert!(
+        answers.iter().all(|a| a.2 == answers[0].2),
+        "one list for all"
+    );
+    let answers = burst(http, "GET", "/live/streams.json", 300);
+    assert!(answers.iter().all(|a| a.0 == 200));
+    let elapsed = started.elapsed().as_secs_f64();
+    let merges = origin_requests(&core, "/live/streams.json");
+    assert!(
+        merges >= 1 && merges as f64 <= elapsed.ceil() + 1.0,
+        "{merges} requests to the core in {elapsed:.2} s"
+    );
+}
+
+/// Out of file descriptors, a listener pauses 100 ms after a failed accept instead of spinning
+/// on it, and serves again once descriptors are free.
+#[test]
+fn out_of_file_descriptors_a_listener_pauses_and_recovers() {
+    let env = Env::new();
+    let core = start_core_with_origin(&env, "core-1", "");
+    let mut opts = EdgeOpts::new(vec![("core-1".into(), core.addr("relay"))]);
+    opts.origins = vec![core.addr("origin")];
+    let edge = start_edge(&env, &opts);
+    let (http, pid) = (edge.addr("http"), edge.pid());
+    // A few descriptors to spare, then none (prlimit, util-linux).
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = format!("--nofile={}:{}", open + 4, open + 4);
+    let st = std::process::Command::new("prlimit")
+        .args([format!("--pid={pid}"), limit])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let conns: Vec<TcpStream> = (0..32).map(|_| TcpStream::connect(http).unwrap()).collect();
+    let failures = |edge: &Proc| -> Vec<f64> {
+        edge.logs()
+            .iter()
+            .filter(|v| message_is(v, "accept failed; pausing this listener"))
+            .filter_map(|v| {
+                let t = v["timestamp"].as_str()?;
+                // Seconds within the minute are enough to measure a second or so.
+                let secs = t.rsplit(':').next()?.trim_end_matches('Z');
+                secs.parse::<f64>().ok().map(|s| s + 60.0 * minute(t))
+            })
+            .collect()
+    };
+    let times = wait_for("eight failed accepts", Duration::from_secs(10), || {
+        let t = failures(&edge);
+        (t.len() >= 8).then_some(t)
+    });
+    // Spinning would log thousands in a millisecond; paused, eight take at least 0.7 s.
+    let span = times[7] - times[0];
+    assert!(span >= 0.65, "eight failed accepts within {span:.3} s");
+    drop(conns);
+    wait_for("served again", Duration::from_secs(10), || {
+        (http_get(http, "/live/streams.json")?.0 == 200).then_some(())
+    });
+}
+
+/// The minute of an RFC 3339 timestamp (`...THH:MM:SS...`), as a number.
+fn minute(t: &str) -> f64 {
+    t.split(':')
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0.0)
 }

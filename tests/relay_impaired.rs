@@ -56,6 +56,8 @@ fn one_percent_loss_at_50ms_rtt_loses_no_frame() {
     assert!(lossy.lost.0 > 0.0, "{:?}", lossy.lost);
     assert!((0.02..0.2).contains(&lossy.link.0), "RTT {:?}", lossy.link);
     assert!(lossy.link.2 > 1e6, "throughput {:?}", lossy.link);
+    // At least the initial window of QUIC (RFC 9002 §7.2: ten datagrams).
+    assert!(lossy.link.3 >= 12_000.0, "cwnd {:?}", lossy.link);
 }
 
 #[test]

@@ -39,8 +39,9 @@ pub struct Outcome {
     pub sent_video: Vec<(i64, bool)>,
     pub recorded_video: Vec<(i64, bool)>,
     pub recorded_audio: usize,
-    /// The edge's link metrics at the end: RTT (s), loss ratio, throughput (bit/s).
-    pub link: (f64, f64, f64),
+    /// The edge's link metrics at the end: RTT (s), loss ratio, throughput (bit/s),
+    /// congestion window (bytes).
+    pub link: (f64, f64, f64, f64),
     /// QUIC packets the edge declared lost, and datagrams the proxy dropped at random.
     pub lost: (f64, u64),
 }
@@ -127,6 +128,7 @@ pub fn run_with(
         metric(edge_admin, &link_metric("rtt_seconds")),
         metric(edge_admin, &link_metric("loss_ratio")),
         metric(edge_admin, &link_metric("throughput_bits_per_second")),
+        metric(edge_admin, &link_metric("cwnd_bytes")),
     );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     // A case may deliver nothing, skip nothing, or have no GAP: those read 0 when absent.
