@@ -100,8 +100,24 @@ fn check_amf0(type_id: u8, payload: &[u8]) -> Result<(), SessionError> {
             "AMF0 command with {values} values, at least 3 required"
         )));
     }
+    // rml_rtmp takes the metadata of `@setDataFrame` as the third decoded value without looking
+    // (it panics on fewer). Counted as rml_amf0 decodes them (an object-end marker at the top
+    // level ends its list early), after the depth check above made decoding safe.
+    if !command && data.starts_with(SET_DATA_FRAME) {
+        let decoded = rml_amf0::deserialize(&mut std::io::Cursor::new(data))
+            .map_err(|e| SessionError::Rtmp(format!("malformed @setDataFrame: {e}")))?;
+        if decoded.len() < 3 {
+            return Err(SessionError::Rtmp(format!(
+                "@setDataFrame with {} values, at least 3 required",
+                decoded.len()
+            )));
+        }
+    }
     Ok(())
 }
+
+/// An AMF0 string "@setDataFrame", as a data message begins with it.
+const SET_DATA_FRAME: &[u8] = b"\x02\x00\x0d@setDataFrame";
 
 /// The chunk size of what we send to the client.
 const OUT_CHUNK_SIZE: u32 = 4096;
@@ -370,5 +386,35 @@ mod tests {
         let bytes = write::message(3, 0, 20, 0, &body, 128);
         let err = s.handle_input(&bytes, 0).unwrap_err();
         assert!(err.to_string().contains("at least 3"), "{err}");
+    }
+
+    /// Found by the fuzz run in the test command: connect, createStream, publish, then
+    /// `@setDataFrame` "onMetaData" and object-end markers where the metadata should be. The
+    /// connection ends with an error; rml_rtmp is never handed the message (it panicked).
+    #[test]
+    fn set_data_frame_without_metadata_is_an_error_not_a_panic() {
+        let data = include_bytes!("testdata/set_data_frame_without_metadata.bin");
+        let (mut s, _) = IngestSession::new("live", ChunkLimits::default()).unwrap();
+        let mut published = false;
+        let mut end = None;
+        for piece in data.chunks(97) {
+            match s.handle_input(piece, 0) {
+                Ok(events) => {
+                    for e in events {
+                        if let SessionEvent::PublishRequested { request_id, .. } = e {
+                            s.accept_publish(request_id).unwrap();
+                            published = true;
+                        }
+                    }
+                }
+                Err(e) => {
+                    end = Some(e);
+                    break;
+                }
+            }
+        }
+        assert!(published);
+        let e = end.expect("the message is refused");
+        assert!(e.to_string().contains("@setDataFrame with 2 values"), "{e}");
     }
 }
